@@ -1,0 +1,170 @@
+"""Attention processors: layer-wise (P+) text conditioning, cross-attention map capture, and the UNet's layer order."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+# The `cross_attention_kwargs` key that carries the per-layer prompt encodings, shape (L, B, T, D).
+LAYERWISE_KEY = "layerwise_encoder_hidden_states"
+
+
+def cross_attention_layers(unet) -> list[tuple[str, Attention]]:
+    """The UNet's cross-attention layers in Mix-of-Show order (down blocks, mid block, up blocks).
+
+    Layer k of this list reads the k-th layer-wise prompt encoding; its length is the number of layer-wise
+    embeddings a concept word gets (16 for SD1.x, 70 for SDXL).
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel`.
+
+    Returns:
+        `(module path, Attention module)` pairs, paths as in `unet.named_modules()`.
+    """
+    layers = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        block = getattr(unet, part, None)
+        if block is None:
+            continue
+        for name, module in block.named_modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                layers.append((f"{part}.{name}", module))
+    return layers
+
+
+class AttentionMapRecorder:
+    """Collects head-averaged cross-attention probabilities of chosen token positions, one entry per layer call."""
+
+    def __init__(self, token_positions: torch.Tensor):
+        self.token_positions = token_positions  # (B, K) token index per sample and tracked token
+        self.maps: list[torch.Tensor] = []  # each (B, HW, K)
+
+    def record(self, probs: torch.Tensor, batch_size: int) -> None:
+        probs = probs.view(batch_size, -1, *probs.shape[-2:]).mean(dim=1)  # (B, HW, T)
+        index = self.token_positions.to(probs.device)[:, None, :].expand(-1, probs.shape[1], -1)
+        self.maps.append(probs.gather(2, index))
+
+
+class MixOfShowAttnProcessor:
+    """Scaled-dot-product attention that lets each cross-attention layer read its own prompt encoding.
+
+    Set on every attention module of the UNet. For cross-attention layers (`layer_index` set) the encoder states
+    come from `layerwise_encoder_hidden_states[layer_index]` when the caller passes them through
+    `cross_attention_kwargs`; a first dimension of 1 is shared by all layers. Without them it is the stock
+    `AttnProcessor2_0` computation.
+    """
+
+    def __init__(self, layer_index: int | None = None):
+        self.layer_index = layer_index
+        self.recorder: AttentionMapRecorder | None = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        layerwise_encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.layer_index is not None and layerwise_encoder_hidden_states is not None:
+            layers = layerwise_encoder_hidden_states
+            encoder_hidden_states = layers[self.layer_index if layers.shape[0] > 1 else 0]
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, source.shape[1], batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.recorder is not None and self.layer_index is not None:
+            # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
+            scores = query @ key.transpose(-1, -2) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            self.recorder.record(probs, batch_size)
+            hidden_states = probs.to(value.dtype) @ value
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_processors(unet) -> int:
+    """Put a `MixOfShowAttnProcessor` on every attention module of the UNet.
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel`.
+
+    Returns:
+        The number of cross-attention layers (the layer-wise embedding count).
+    """
+    layer_index = {name: index for index, (name, _) in enumerate(cross_attention_layers(unet))}
+    processors = {}
+    for key in unet.attn_processors:
+        module_path = key.removesuffix(".processor")
+        processors[key] = MixOfShowAttnProcessor(layer_index.get(module_path))
+    unet.set_attn_processor(processors)
+    return len(layer_index)
+
+
+@contextmanager
+def record_cross_attention(unet, token_positions: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Record cross-attention maps of the given token positions while the context is open.
+
+    Args:
+        unet: a UNet with `install_processors` applied.
+        token_positions: `(B, K)` long tensor, the prompt position of each tracked token per sample.
+
+    Yields:
+        The list the maps are appended to, one `(B, HW, K)` tensor per cross-attention layer call.
+    """
+    recorder = AttentionMapRecorder(token_positions)
+    processors = [
+        p for p in unet.attn_processors.values() if isinstance(p, MixOfShowAttnProcessor) and p.layer_index is not None
+    ]
+    if not processors:
+        raise RuntimeError("record_cross_attention needs install_processors(unet) first")
+    for processor in processors:
+        processor.recorder = recorder
+    try:
+        yield recorder.maps
+    finally:
+        for processor in processors:
+            processor.recorder = None

@@ -1,0 +1,175 @@
+"""Typed, frozen configs and their YAML/JSON loading with errors that name the bad field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import MixOfShowError
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """ED-LoRA (or plain LoRA) tuning of one concept; defaults are the official Mix-of-Show ones."""
+
+    base: str = _help("base model: diffusers folder, single .safetensors/.ckpt file, or Hub id")
+    data: str = _help("folder of images (png/jpg/jpeg/webp) with same-name .txt captions using <TOK>")
+    out: str = _help("the concept file to write (.safetensors)")
+    words: tuple[str, ...] = _help("concept words replacing <TOK>, e.g. ['<hina1>', '<hina2>']",
+                                   default=("<concept1>", "<concept2>"))
+    init: tuple[str, ...] = _help("one initialiser per word: '<rand-0.013>' or a one-token class word",
+                                  default=("<rand-0.013>", "<rand-0.013>"))
+    masks: str | None = _help("folder of subject masks (same base name, .png, white = subject)", default=None)
+    mode: str = _help("'edlora' (layer-wise embeddings) or 'lora' (one embedding per word, the baseline)",
+                      default="edlora")
+    rank: int = _help("LoRA rank", default=4)
+    alpha: float = _help("LoRA alpha, PEFT convention (scale = alpha / rank); 4 = the official alpha 1.0",
+                         default=4.0)
+    steps: int = _help("optimizer steps", default=1000)
+    batch_size: int = _help("images per step per process", default=2)
+    gradient_accumulation: int = _help("micro-batches per optimizer step", default=1)
+    resolution: int = _help("training image size in pixels", default=512)
+    lr_embedding: float = _help("learning rate of the concept embeddings", default=1e-3)
+    lr_text_encoder: float = _help("learning rate of the text-encoder LoRA", default=1e-5)
+    lr_unet: float = _help("learning rate of the UNet LoRA", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    lr_schedule: str = _help("diffusers schedule name (linear, constant, cosine, ...)", default="linear")
+    warmup_steps: int = _help("learning-rate warm-up steps", default=0)
+    noise_offset: float = _help("std of the per-channel noise offset", default=0.01)
+    attn_reg_weight: float = _help("attention regularisation weight (needs masks; 0 = off)", default=0.01)
+    attn_reg_full_identity: bool = _help("push the class word's map towards the mask (MSE) instead of only "
+                                         "out of the background", default=False)
+    embedding_norm_limit: float = _help("freeze the embeddings once their mean norm reaches this (0 = never)",
+                                        default=0.55)
+    require_placeholder: bool = _help("every caption must contain <TOK>", default=True)
+    shuffle_caption: bool = _help("shuffle comma-separated caption parts after the first", default=True)
+    caption_templates: tuple[str, ...] = _help("templates with {} for the concept, used for half the steps",
+                                               default=())
+    flip_p: float = _help("horizontal flip probability", default=0.5)
+    mixed_precision: str = _help("'no', 'fp16' or 'bf16'", default="no")
+    gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    checkpoint_every: int = _help("save a resumable checkpoint every N steps (0 = never)", default=0)
+    validation_prompt: str = _help("prompt for the validation grid (<TOK> = the concept)",
+                                   default="a photo of <TOK>")
+    validation_scales: tuple[float, ...] = _help("LoRA scales of the validation grid", default=(0.0, 0.7, 1.0))
+    validation_steps: int = _help("sampling steps of the validation grid (0 = no grid)", default=25)
+    seed: int = _help("random seed (data order, noise, augmentations, initialisers)", default=0)
+
+
+def _check_value(name: str, hint, value, source: str):
+    """Coerce `value` to the annotated type or raise naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_value(name, next(a for a in args if a is not type(None)), value, source)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise MixOfShowError(f"{source}: field '{name}' must be a list, got {value!r}")
+        return tuple(_check_value(name, args[0], v, source) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise MixOfShowError(f"{source}: field '{name}' must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and hint is int and float(value) != int(value):
+            ok = False
+        if not ok or not math.isfinite(value):
+            raise MixOfShowError(f"{source}: field '{name}' must be a finite {hint.__name__}, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, (str, Path)):
+            raise MixOfShowError(f"{source}: field '{name}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def config_from_dict(cls, data: dict, source: str = "config"):
+    """Build a frozen config dataclass from a dict, checking every field's name and type.
+
+    Args:
+        cls: the dataclass type.
+        data: field values.
+        source: where the values came from, for error messages.
+
+    Returns:
+        An instance of `cls`.
+    """
+    if not isinstance(data, dict):
+        raise MixOfShowError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise MixOfShowError(f"{source}: unknown field(s) {unknown}; valid fields: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _check_value(name, hints[name], data[name], source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MixOfShowError(f"{source}: required field '{name}' is missing ({f.metadata.get('help', '')})")
+    return cls(**values)
+
+
+def read_document(path: str | Path) -> dict:
+    """Read a YAML or JSON file into a dict, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MixOfShowError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise MixOfShowError(f"config file {path} could not be parsed: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MixOfShowError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """A `TrainConfig` from a YAML/JSON file (optional) with `overrides` (e.g. CLI flags) on top."""
+    data = read_document(path) if path else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    config = config_from_dict(TrainConfig, data, str(path) if path else "train options")
+    validate_train_config(config)
+    return config
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Raise for values that type-check but make no sense."""
+    if config.mode not in ("edlora", "lora"):
+        raise MixOfShowError(f"field 'mode' must be 'edlora' or 'lora', got {config.mode!r}")
+    if len(config.init) != len(config.words):
+        raise MixOfShowError(
+            f"field 'init' has {len(config.init)} initialisers for {len(config.words)} words {list(config.words)}: "
+            "give one per word, e.g. '<rand-0.013>+girl'"
+        )
+    if config.mixed_precision not in ("no", "fp16", "bf16"):
+        raise MixOfShowError(f"field 'mixed_precision' must be no, fp16 or bf16, got {config.mixed_precision!r}")
+    for name in ("rank", "steps", "batch_size", "gradient_accumulation", "resolution"):
+        if getattr(config, name) < 1:
+            raise MixOfShowError(f"field '{name}' must be at least 1, got {getattr(config, name)}")
+    for name in ("lr_embedding", "lr_text_encoder", "lr_unet", "weight_decay", "noise_offset", "attn_reg_weight",
+                 "embedding_norm_limit", "checkpoint_every", "warmup_steps", "validation_steps"):
+        if getattr(config, name) < 0:
+            raise MixOfShowError(f"field '{name}' must not be negative, got {getattr(config, name)}")
+    if not 0 <= config.flip_p <= 1:
+        raise MixOfShowError(f"field 'flip_p' must be within [0, 1], got {config.flip_p}")
+    if not str(config.out).endswith(".safetensors"):
+        raise MixOfShowError(f"field 'out' must name a .safetensors file, got {config.out!r}")

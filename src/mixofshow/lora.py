@@ -1,0 +1,100 @@
+"""LoRA through PEFT on the attention linears of the text encoder and the UNet: add, read out, load, scale, delta."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from .errors import MixOfShowError
+
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# UNet LoRA goes on the transformer blocks' self- (attn1) and cross-attention (attn2) only.
+UNET_TARGET_PATTERN = r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
+
+
+def lora_config(targets: tuple[str, ...] | str, rank: int, alpha: float) -> LoraConfig:
+    """A PEFT config; `alpha` follows PEFT (scaling = alpha / rank), so the official "alpha 1" is alpha = rank."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets) if isinstance(targets, tuple) else targets,
+                      init_lora_weights=True)
+
+
+def add_lora(model: torch.nn.Module, targets: tuple[str, ...] | str, rank: int, alpha: float, name: str) -> None:
+    """Add a fresh LoRA adapter (B = 0, so the model is unchanged) called `name` and make it trainable."""
+    inject_adapter_in_model(lora_config(targets, rank, alpha), model, adapter_name=name)
+    activate(model, [name])
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """PEFT LoRA layers by module path."""
+    return {path: module for path, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def lora_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The trainable A and B matrices of adapter `name`."""
+    params = []
+    for layer in lora_layers(model).values():
+        if name in layer.lora_A:
+            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    return params
+
+
+def read_lora(model: torch.nn.Module, name: str) -> LoraWeights:
+    """Adapter `name` as `{module path: (A, B)}` copies in float32."""
+    return {
+        path: (layer.lora_A[name].weight.detach().float().cpu().clone(),
+               layer.lora_B[name].weight.detach().float().cpu().clone())
+        for path, layer in lora_layers(model).items()
+        if name in layer.lora_A
+    }
+
+
+def check_lora_shapes(model: torch.nn.Module, weights: LoraWeights, part: str, source: str) -> None:
+    """Raise, naming the first offending key, if `weights` do not fit the model's linear layers."""
+    modules = dict(model.named_modules())
+    for path, (down, up) in weights.items():
+        module = modules.get(path)
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        if not isinstance(base, torch.nn.Linear):
+            raise MixOfShowError(
+                f"{source}: {part} LoRA key {path!r} names no linear layer of this model: the file was made for "
+                "another model architecture"
+            )
+        if down.shape[1] != base.in_features or up.shape[0] != base.out_features or down.shape[0] != up.shape[1]:
+            raise MixOfShowError(
+                f"{source}: {part} LoRA key {path!r} has shapes A {tuple(down.shape)}, B {tuple(up.shape)} but the "
+                f"layer is {base.in_features} -> {base.out_features}: the file was made for another base model"
+            )
+
+
+def load_lora(model: torch.nn.Module, weights: LoraWeights, rank: int, alpha: float, name: str) -> None:
+    """Add adapter `name` holding `weights` (already checked with `check_lora_shapes`)."""
+    if not weights:
+        return
+    inject_adapter_in_model(lora_config(tuple(weights), rank, alpha), model, adapter_name=name)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for path, (down, up) in weights.items():
+            layer = layers[path]
+            layer.lora_A[name].weight.copy_(down)
+            layer.lora_B[name].weight.copy_(up)
+
+
+def activate(model: torch.nn.Module, names: list[str]) -> None:
+    """Make exactly these adapters active on every LoRA layer that has them."""
+    for layer in lora_layers(model).values():
+        layer.set_adapter([n for n in names if n in layer.lora_A])
+
+
+def set_lora_scale(model: torch.nn.Module, name: str, scale: float) -> None:
+    """Multiply adapter `name`'s trained scaling (alpha / rank) by `scale` (0 = base model)."""
+    for layer in lora_layers(model).values():
+        layer.set_scale(name, scale)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, rank: int, alpha: float, scale: float = 1.0) -> torch.Tensor:
+    """`dW = scale * alpha / rank * B @ A`, the change LoRA makes to a weight."""
+    return (up.double() @ down.double() * (scale * alpha / rank)).float()

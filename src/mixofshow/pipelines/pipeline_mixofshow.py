@@ -1,0 +1,250 @@
+"""`MixOfShowPipeline`: Stable Diffusion sampling with concept files loaded at given scales and layer-wise prompts."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+from ..attention import LAYERWISE_KEY, install_processors
+from ..concept_file import ConceptFile, fingerprint, load_concept
+from ..errors import MixOfShowError
+from ..lora import activate, check_lora_shapes, load_lora, lora_layers, set_lora_scale
+from ..models import load_base_components
+from ..tokens import ConceptVocabulary, encode_layerwise
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+class MixOfShowPipeline(StableDiffusionPipeline):
+    """Text-to-image with Mix-of-Show concepts: each prompt is encoded once per cross-attention layer.
+
+    Build it from components (`MixOfShowPipeline(vae=…, text_encoder=…, …)`), from a base model
+    (`from_base`), then `load_concept(file, scale)` any number of concept files and call it with prompts that
+    use the concept words (`"a <hina1> <hina2> near the sea"`).
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.num_layers = install_processors(unet)
+        self.concepts = ConceptVocabulary(self.num_layers)
+        self.base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
+        self.adapter_scales: dict[str, float] = {}
+
+    @classmethod
+    def from_base(cls, base: str | Path, dtype: torch.dtype = torch.float32) -> "MixOfShowPipeline":
+        """A pipeline from a base model: diffusers folder, single checkpoint file or Hub id."""
+        return cls(**load_base_components(base, dtype))
+
+    # -- concepts -------------------------------------------------------------------------------------------------
+
+    def load_concept(self, concept: str | Path | ConceptFile, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a concept: its words to the tokenizer and text encoder, its LoRA as a PEFT adapter at `scale`.
+
+        Args:
+            concept: a concept file (ours or an official `.pth`) or a loaded `ConceptFile`.
+            scale: the LoRA scale (0 = embeddings only, 1 = as trained).
+            name: the adapter name; defaults to the first word.
+
+        Returns:
+            The adapter name, for `set_concept_scale`.
+        """
+        source = str(concept) if not isinstance(concept, ConceptFile) else "concept"
+        concept = concept if isinstance(concept, ConceptFile) else load_concept(concept)
+        if not torch.isfinite(torch.tensor(float(scale))):
+            raise MixOfShowError(f"LoRA scale for {source} must be a finite number, got {scale}")
+        concept.base.check(self.base_fingerprint, source)
+        check_lora_shapes(self.text_encoder, concept.text_encoder_lora, "text_encoder", source)
+        check_lora_shapes(self.unet, concept.unet_lora, "unet", source)
+        for word in concept.words:
+            if word in self.concepts:
+                raise MixOfShowError(f"{source}: concept word {word!r} is already loaded from another concept")
+        name = name or re.sub(r"\W+", "_", concept.words[0]).strip("_") or f"concept{len(self.adapter_scales)}"
+        if name in self.adapter_scales:
+            raise MixOfShowError(f"{source}: adapter name {name!r} is already used; pass another name")
+
+        for word in concept.words:
+            self.concepts.add(self.tokenizer, self.text_encoder, word, concept.embeddings[word])
+        for model, weights in ((self.text_encoder, concept.text_encoder_lora), (self.unet, concept.unet_lora)):
+            load_lora(model, weights, concept.rank, concept.alpha, name)
+        self.adapter_scales[name] = float(scale)
+        self._apply_adapters()
+        return name
+
+    def set_concept_scale(self, name: str, scale: float) -> None:
+        """Change a loaded concept's LoRA scale."""
+        if name not in self.adapter_scales:
+            raise MixOfShowError(f"no concept adapter {name!r}; loaded: {list(self.adapter_scales)}")
+        self.adapter_scales[name] = float(scale)
+        self._apply_adapters()
+
+    def _apply_adapters(self) -> None:
+        for model in (self.text_encoder, self.unet):
+            if lora_layers(model):
+                activate(model, list(self.adapter_scales))
+                for name, scale in self.adapter_scales.items():
+                    set_lora_scale(model, name, scale)
+                model.requires_grad_(False)
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch the sampler: one of `SCHEDULERS` (ddim, dpm++, euler, euler_a, pndm)."""
+        if name not in SCHEDULERS:
+            raise MixOfShowError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+
+    def check_sampling_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int,
+                              guidance_scale: float) -> None:
+        """Raise `MixOfShowError` naming the bad value before any model work."""
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for label, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise MixOfShowError(f"{label} must be a positive multiple of {multiple} for this model, got {value}")
+        if not isinstance(steps, int) or steps < 1:
+            raise MixOfShowError(f"steps must be a positive integer, got {steps}")
+        if not torch.isfinite(torch.tensor(float(guidance_scale))):
+            raise MixOfShowError(f"guidance must be a finite number, got {guidance_scale}")
+        for text in prompts + negatives:
+            self.concepts.check_prompt(text)
+
+    def encode_layerwise_prompt(self, prompts: list[str], negatives: list[str] | None) -> torch.Tensor:
+        """Encode prompts (and negatives for classifier-free guidance) once per cross-attention layer.
+
+        Returns:
+            `(L, B, T, D)`, or `(L, 2B, T, D)` with the negatives first; L is 1 when no layer-wise word is used.
+        """
+        ids = self.concepts.layer_input_ids(self.tokenizer, prompts)
+        if negatives is not None:
+            negative_ids = self.concepts.layer_input_ids(self.tokenizer, negatives)
+            layers = max(ids.shape[0], negative_ids.shape[0])
+            ids = torch.cat([negative_ids.expand(layers, -1, -1), ids.expand(layers, -1, -1)], dim=1)
+        return encode_layerwise(self.text_encoder, ids)
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
+                      guidance_scale: float) -> torch.Tensor:
+        """One UNet evaluation with classifier-free guidance; `states` from `encode_layerwise_prompt`."""
+        guided = guidance_scale > 1.0
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
+        noise = self.unet(model_input, t, encoder_hidden_states=states[0], cross_attention_kwargs=kwargs).sample
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        return noise
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> StableDiffusionPipelineOutput:
+        """Sample images.
+
+        Args:
+            prompt: prompt(s), concept words allowed.
+            negative_prompt: negative prompt(s) for classifier-free guidance.
+            height, width: image size in pixels (default: the UNet's sample size times the VAE factor).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight (<= 1 disables it).
+            num_images_per_prompt: images per prompt.
+            seed: seeds a CPU `torch.Generator`, so a seed gives the same image on every device.
+            generator: a generator to use instead of `seed`.
+            latents: initial noise `(B, C, h, w)` instead of drawing it.
+            output_type: "pil", "np", "pt" or "latent".
+            progress: show a progress bar.
+
+        Returns:
+            `StableDiffusionPipelineOutput` with `images`.
+        """
+        # 1. Check inputs
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = negative_prompt or ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        negatives = negatives if len(negatives) == len(prompts) else [n for n in negatives for _ in
+                                                                       range(num_images_per_prompt)]
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_sampling_inputs(prompts, negatives, height, width, num_inference_steps, guidance_scale)
+        device = self._execution_device
+
+        # 2. Encode the prompts once per cross-attention layer
+        guided = guidance_scale > 1.0
+        states = self.encode_layerwise_prompt(prompts, negatives if guided else None)
+        states = states.to(device, self.unet.dtype)
+
+        # 3. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 4. Initial noise, drawn on the CPU so a seed means the same image everywhere
+        if latents is None:
+            generator = generator or torch.Generator("cpu").manual_seed(0 if seed is None else seed)
+            shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latents = (latents.to(device) * self.scheduler.init_noise_sigma).to(self.unet.dtype)
+
+        # 5. Denoising loop
+        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+            noise = self.predict_noise(latents, t, states, guidance_scale)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+
+        # 6. Decode
+        if output_type == "latent":
+            return StableDiffusionPipelineOutput(images=latents, nsfw_content_detected=None)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)

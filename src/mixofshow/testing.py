@@ -1,0 +1,104 @@
+"""Random SD-shaped components built in code (no download): tiny ones for tests, SD1.5-sized ones for benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import load_clip_tokenizer
+
+
+def _text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, intermediate: int, projection: int):
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="quick_gelu",
+    )
+    return CLIPTextModel(config)
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """A tiny Stable-Diffusion-shaped model: cross-attention at two resolutions (7 layers), 32x32 images.
+
+    Args:
+        seed: seeds the random weights, so the same seed gives the same "base model".
+
+    Returns:
+        A dict with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (diffusers/transformers objects).
+    """
+    torch.manual_seed(seed)
+    tokenizer = load_clip_tokenizer()
+    text_encoder = _text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, intermediate=37, projection=32)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}
+
+
+def sd15_components(seed: int = 0) -> dict:
+    """Random weights in the shapes of Stable Diffusion 1.5 (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE).
+
+    Args:
+        seed: seeds the random weights.
+
+    Returns:
+        The same dict as `tiny_components`, SD1.5-sized.
+    """
+    torch.manual_seed(seed)
+    tokenizer = load_clip_tokenizer()
+    text_encoder = _text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, intermediate=3072, projection=768)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}

@@ -1,0 +1,390 @@
+"""ED-LoRA (and plain LoRA) single-concept tuning on accelerate: `train(config)` writes one concept file.
+
+Every random draw of step s comes from a generator seeded with (seed, s, process), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .attention import LAYERWISE_KEY, install_processors, record_cross_attention
+from .concept_file import ConceptFile, fingerprint, save_concept, write_atomically
+from .config import TrainConfig
+from .data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
+from .errors import MixOfShowError
+from .lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PATTERN, add_lora, lora_parameters, read_lora
+from .models import load_base_components
+from .tokens import RANDOM_INIT, ConceptVocabulary, check_new_words, encode_layerwise, initial_embedding
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "concept"
+
+
+class ConceptRowsEmbedding(torch.nn.Module):
+    """A token embedding whose concept rows (ids >= `first_id`) are a separate trainable parameter.
+
+    Replaces the text encoder's input embedding during training, so the base rows are never touched (no
+    restore-after-step as the official trainer does) and the optimizer holds only the concept rows.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, first_id: int):
+        super().__init__()
+        self.base = base
+        self.first_id = first_id
+        self.rows = torch.nn.Parameter(base.weight[first_id:].detach().float().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded = self.base(input_ids)
+        is_concept = input_ids >= self.first_id
+        concept = self.rows[(input_ids - self.first_id).clamp(min=0)].to(embedded.dtype)
+        return torch.where(is_concept[..., None], concept, embedded)
+
+
+def step_generator(seed: int, step: int, process: int, micro: int = 0) -> torch.Generator:
+    """The CPU generator for one micro-batch: a function of (seed, step, process, micro) only."""
+    digest = hashlib.sha256(f"{seed}/{step}/{process}/{micro}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def batch_indices(seed: int, first_sample: int, count: int, dataset_size: int) -> list[int]:
+    """Indices of samples `first_sample …` in an endless stream of seeded per-epoch permutations."""
+    indices = []
+    for sample in range(first_sample, first_sample + count):
+        epoch, position = divmod(sample, dataset_size)
+        order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Official ED-LoRA loss: squared error summed over channels, averaged over the (soft) subject mask."""
+    mask = F.interpolate(mask, size=prediction.shape[-2:], mode="area")
+    error = (prediction.float() - target.float()) ** 2 * mask
+    return (error.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-6)).mean()
+
+
+def attention_regularization(maps: list[torch.Tensor], mask: torch.Tensor, latent_size: tuple[int, int],
+                             class_like: list[bool], full_identity: bool, present: torch.Tensor) -> torch.Tensor:
+    """Mix-of-Show attention regularisation on recorded cross-attention maps.
+
+    Maps of one resolution are averaged over layers, normalised by their spatial maximum, and each tracked
+    token's map is pushed out of the background (mean attention outside the mask); with `full_identity` a
+    class-word token's map is instead pulled onto the mask (MSE). Summed over resolutions.
+
+    Args:
+        maps: `(B, HW, K)` maps, one per cross-attention layer call.
+        mask: `(B, 1, H, W)` subject masks in pixels.
+        latent_size: `(h, w)` of the latents, to recover each map's height and width.
+        class_like: per tracked token, whether it is a class word (random-initialised words are not).
+        full_identity: see above.
+        present: `(B, K)` whether the token occurs in the sample's prompt.
+
+    Returns:
+        The scalar regularisation loss (before its weight).
+    """
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for layer_map in maps:
+        by_size.setdefault(layer_map.shape[1], []).append(layer_map.float())
+    total = mask.new_zeros(())
+    h, w = latent_size
+    for size, group in by_size.items():
+        factor = math.sqrt(h * w / size)
+        shape = (round(h / factor), round(w / factor))
+        attention = torch.stack(group).mean(dim=0)  # (B, HW, K)
+        attention = attention / attention.amax(dim=1, keepdim=True).clamp_min(1e-8)
+        subject = F.interpolate(mask, size=shape, mode="nearest").flatten(1)[..., None]  # (B, HW, 1)
+        background = 1.0 - subject
+        has_background = (background.sum(dim=1) > 0) & present  # (B, K)
+        outside = (attention * background).sum(dim=1) / background.sum(dim=1).clamp_min(1.0)  # (B, K)
+        terms = outside
+        if full_identity:
+            identity = ((attention - subject) ** 2).mean(dim=1)
+            use_identity = torch.tensor(class_like, device=attention.device)[None, :]
+            terms = torch.where(use_identity, identity, outside)
+        total = total + (terms * has_background).sum() / has_background.sum().clamp_min(1)
+    return total
+
+
+def _save_checkpoint(path: Path, step: int, rows: torch.Tensor, lora: list[torch.Tensor], optimizer,
+                     lr_scheduler, config: TrainConfig) -> None:
+    tensors = {"rows": rows.detach().cpu().contiguous()}
+    tensors.update({f"lora.{i}": p.detach().cpu().contiguous() for i, p in enumerate(lora)})
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+    meta = {"step": step, "param_groups": state["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
+            "config": dataclasses.asdict(config)}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"mixofshow.checkpoint": json.dumps(meta)}))
+
+
+def _load_checkpoint(path: Path, rows: torch.Tensor, lora: list[torch.Tensor], optimizer, lr_scheduler) -> int:
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        meta = json.loads(header["__metadata__"]["mixofshow.checkpoint"])
+    except Exception as error:  # any unreadable file is the user's to replace
+        raise MixOfShowError(f"checkpoint {path} could not be read ({error})") from None
+    if tensors["rows"].shape != rows.shape or len([k for k in tensors if k.startswith("lora.")]) != len(lora):
+        raise MixOfShowError(f"checkpoint {path} belongs to another concept or model: shapes differ")
+    with torch.no_grad():
+        rows.copy_(tensors["rows"])
+        for i, p in enumerate(lora):
+            p.copy_(tensors[f"lora.{i}"])
+    state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    return int(meta["step"])
+
+
+def _find_resume(resume: str, checkpoint_dir: Path) -> Path:
+    if resume == "latest":
+        found = sorted(checkpoint_dir.glob("step_*.safetensors"))
+        if not found:
+            raise MixOfShowError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_file():
+        raise MixOfShowError(f"checkpoint {path} does not exist")
+    return path
+
+
+def checkpoint_dir_for(out: str | Path) -> Path:
+    """Where the resumable checkpoints of a concept file go: `<out without suffix>.checkpoints/`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".checkpoints")
+
+
+def train(config: TrainConfig, resume: str | None = None, components: dict | None = None,
+          progress: bool = True) -> Path:
+    """Tune one concept with ED-LoRA (or plain LoRA) and write its concept file.
+
+    Args:
+        config: the training config (`load_train_config`).
+        resume: a checkpoint file, or "latest" for the newest in `<out>.checkpoints/`.
+        components: already-loaded base components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`),
+            instead of loading `config.base`; they are modified in place.
+        progress: show a progress bar.
+
+    Returns:
+        The path of the concept file written.
+    """
+    # 1. Check everything that can be checked before the models load
+    examples = scan_concept_folder(config.data, config.masks, require_placeholder=config.require_placeholder)
+    checkpoint_dir = checkpoint_dir_for(config.out)
+    resume_path = _find_resume(resume, checkpoint_dir) if resume else None
+
+    # 2. Base model, concept tokens and their initial embeddings
+    # Unused parameters are expected once the embeddings freeze mid-run.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    components = components or load_base_components(config.base)
+    tokenizer, text_encoder, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
+    base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
+    num_layers = install_processors(unet)
+    rows_per_word = num_layers if config.mode == "edlora" else 1
+    check_new_words(tokenizer, config.words, num_layers)
+    generator = torch.Generator().manual_seed(config.seed)
+    table = text_encoder.get_input_embeddings().weight
+    initial = [initial_embedding(init, tokenizer, table, generator) for init in config.init]
+    vocabulary = ConceptVocabulary(num_layers)
+    for word, row in zip(config.words, initial):
+        vocabulary.add(tokenizer, text_encoder, word, row[None].expand(rows_per_word, -1))
+    first_id = vocabulary.tokens[config.words[0]].layer_ids[0]
+    dataset = ConceptDataset(examples, config.resolution, " ".join(config.words), flip_p=config.flip_p,
+                             shuffle_caption=config.shuffle_caption, caption_templates=config.caption_templates)
+
+    # 3. Trainable parts: LoRA (PEFT) on both models, concept rows; everything else frozen
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False)
+    add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
+    add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
+    embedding = ConceptRowsEmbedding(text_encoder.get_input_embeddings(), first_id)
+    text_encoder.set_input_embeddings(embedding)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    device = accelerator.device
+    for model in (unet, text_encoder, vae):
+        model.to(device)
+        if weight_dtype != torch.float32:
+            model.to(weight_dtype)  # frozen weights in half precision
+    text_lora, unet_lora = lora_parameters(text_encoder, ADAPTER), lora_parameters(unet, ADAPTER)
+    for param in [embedding.rows, *text_lora, *unet_lora]:
+        param.data = param.data.float()  # trainable weights stay float32 under mixed precision
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(
+        [{"params": [embedding.rows], "lr": config.lr_embedding},
+         {"params": text_lora, "lr": config.lr_text_encoder},
+         {"params": unet_lora, "lr": config.lr_unet}],
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                                 num_training_steps=config.steps)
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+
+    start = 0
+    if resume_path:
+        start = _load_checkpoint(resume_path, embedding.rows, [*text_lora, *unet_lora], optimizer, lr_scheduler)
+        logger.info("resumed from %s at step %d", resume_path, start)
+
+    use_reg = config.attn_reg_weight > 0 and config.masks is not None
+    if config.attn_reg_weight > 0 and config.masks is None:
+        logger.info("attention regularisation is off: it needs subject masks (--masks)")
+    class_like = [not RANDOM_INIT.match(init) for init in config.init]
+    word_ids = torch.tensor([vocabulary.tokens[w].layer_ids[0] for w in config.words])
+    embeddings_frozen = _maybe_freeze(embedding.rows, config.embedding_norm_limit, False)
+
+    # 4. Training loop
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and accelerator.is_main_process),
+               desc="ED-LoRA" if config.mode == "edlora" else "LoRA")
+    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+    for step in range(start, config.steps):
+        for micro in range(config.gradient_accumulation):
+            with accelerator.accumulate(unet, text_encoder):
+                g = step_generator(config.seed, step, accelerator.process_index, micro)
+                first = step * samples_per_step + (micro * accelerator.num_processes + accelerator.process_index) \
+                    * config.batch_size
+                batch = dataset.batch(batch_indices(config.seed, first, config.batch_size, len(dataset)), g)
+                loss, logs = _training_loss(batch, g, tokenizer, text_encoder, unet, vae, noise_scheduler,
+                                            vocabulary, word_ids, class_like, use_reg, config, device, weight_dtype)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        embeddings_frozen = _maybe_freeze(embedding.rows, config.embedding_norm_limit, embeddings_frozen)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", frozen=embeddings_frozen)
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps \
+                and accelerator.is_main_process:
+            _save_checkpoint(checkpoint_dir / f"step_{done:06d}.safetensors", done, embedding.rows,
+                             [*text_lora, *unet_lora], optimizer, lr_scheduler, config)
+    bar.close()
+
+    # 5. The concept file, and the validation grid
+    accelerator.wait_for_everyone()
+    out = Path(config.out)
+    if accelerator.is_main_process:
+        rows = embedding.rows.detach().float().cpu()
+        concept = ConceptFile(
+            words=tuple(config.words),
+            embeddings={w: rows[i * rows_per_word:(i + 1) * rows_per_word].clone() for i, w in enumerate(config.words)},
+            text_encoder_lora=read_lora(accelerator.unwrap_model(text_encoder), ADAPTER),
+            unet_lora=read_lora(accelerator.unwrap_model(unet), ADAPTER),
+            rank=config.rank,
+            alpha=config.alpha,
+            base=base_fingerprint,
+            initializers=tuple(config.init),
+            mode=config.mode,
+            config=dataclasses.asdict(config),
+        )
+        save_concept(concept, out)
+        logger.info("wrote %s", out)
+        if config.validation_steps:
+            grid = validation_grid(components, accelerator, vocabulary, config)
+            grid.save(out.with_suffix(".validation.png"))
+    return out
+
+
+def _maybe_freeze(rows: torch.nn.Parameter, limit: float, frozen: bool) -> bool:
+    """Freeze the concept embeddings for good once their mean L2 norm reaches `limit` (official: 0.55)."""
+    if not frozen and limit > 0 and rows.detach().norm(dim=-1).mean() >= limit:
+        rows.requires_grad_(False)
+        logger.info("concept embeddings reached mean norm %.3f: frozen, LoRA training goes on", limit)
+        return True
+    return frozen
+
+
+def _training_loss(batch, g, tokenizer, text_encoder, unet, vae, noise_scheduler, vocabulary, word_ids, class_like,
+                   use_reg, config, device, weight_dtype):
+    pixels = batch["pixel_values"].to(device, weight_dtype)
+    mask = batch["mask"].to(device)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    if config.noise_offset:
+        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    timesteps = timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    layer_ids = vocabulary.layer_input_ids(tokenizer, batch["captions"])  # (L, B, T)
+    states = encode_layerwise(text_encoder, layer_ids)
+    kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
+    present = (layer_ids[0][:, :, None] == word_ids[None, None, :])  # (B, T, K)
+    positions = present.float().argmax(dim=1)  # (B, K): first occurrence
+    maps: list = []
+    if use_reg:
+        with record_cross_attention(unet, positions) as maps:
+            prediction = unet(noisy.to(weight_dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
+    else:
+        prediction = unet(noisy.to(weight_dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
+    loss = masked_diffusion_loss(prediction, target, mask if config.masks else torch.ones_like(mask))
+    logs = {"loss": loss.item()}
+    if use_reg and maps:
+        reg = attention_regularization(maps, mask, tuple(latents.shape[-2:]), class_like,
+                                       config.attn_reg_full_identity, present.any(dim=1).to(device))
+        loss = loss + config.attn_reg_weight * reg
+        logs["attn_reg"] = reg.item()
+    return loss, logs
+
+
+@torch.no_grad()
+def validation_grid(components: dict, accelerator: Accelerator, vocabulary: ConceptVocabulary,
+                    config: TrainConfig, seeds: tuple[int, ...] = (0, 1)) -> Image.Image:
+    """Sample the validation prompt at each LoRA scale (rows) and seed (columns); returns the grid image."""
+    from .pipelines import MixOfShowPipeline  # the pipeline imports training-free modules only
+
+    text_encoder = accelerator.unwrap_model(components["text_encoder"])
+    unet = accelerator.unwrap_model(components["unet"])
+    pipe = MixOfShowPipeline(vae=components["vae"], text_encoder=text_encoder, tokenizer=components["tokenizer"],
+                             unet=unet, scheduler=components["scheduler"])
+    pipe.concepts = vocabulary
+    pipe.set_progress_bar_config(disable=True)
+    prompt = config.validation_prompt.replace(CONCEPT_PLACEHOLDER, " ".join(config.words))
+    size = config.resolution
+    tiles = []
+    for scale in config.validation_scales:
+        pipe.adapter_scales = {ADAPTER: scale}
+        pipe._apply_adapters()
+        with accelerator.autocast():
+            for seed in seeds:
+                tiles.append(pipe(prompt, height=size, width=size, num_inference_steps=config.validation_steps,
+                                  seed=seed).images[0])
+    grid = Image.new("RGB", (size * len(seeds), size * len(config.validation_scales)))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % len(seeds)) * size, (i // len(seeds)) * size))
+    return grid
