@@ -1,8 +1,26 @@
 """mixofshow: decentralized multi-concept customization of text-to-image diffusion models (Mix-of-Show)."""
 
-from .concept_file import ConceptFile, load_concept, save_concept
-from .errors import MixOfShowError
-from .pipelines import MixOfShowPipeline
+from importlib import import_module
 
-__all__ = ["ConceptFile", "MixOfShowError", "MixOfShowPipeline", "load_concept", "save_concept"]
+from .errors import MixOfShowError
+
 __version__ = "0.1.0"
+
+# Heavy modules (torch, diffusers) load on first use, so `mixofshow --help` is instant.
+_LAZY = {
+    "ConceptFile": "concept_file",
+    "load_concept": "concept_file",
+    "save_concept": "concept_file",
+    "MixOfShowPipeline": "pipelines",
+    "TrainConfig": "config",
+    "load_train_config": "config",
+    "train": "train",
+}
+__all__ = ["MixOfShowError", "ConceptFile", "load_concept", "save_concept", "MixOfShowPipeline", "TrainConfig",
+           "load_train_config", "train"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'mixofshow' has no attribute {name!r}")

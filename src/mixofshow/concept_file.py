@@ -36,7 +36,7 @@ class BaseFingerprint:
     base_vocab_size: int
     weights_sha256: str = ""
 
-    def check(self, model: "BaseFingerprint", source: str) -> None:
+    def check(self, model: BaseFingerprint, source: str) -> None:
         """Raise if `model` cannot take a concept made for this base; warn if only the weights differ."""
         for name in ("cross_attention_layers", "text_hidden_size", "cross_attention_dim"):
             want, have = getattr(self, name), getattr(model, name)
@@ -227,7 +227,7 @@ def import_official(path: str | Path, alpha: float = 1.0) -> ConceptFile:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
+    except Exception as error:  # noqa: BLE001 -- torch raises many types for corrupt or unsafe pickles
         raise MixOfShowError(
             f"{path} could not be read as an official Mix-of-Show .pth with weights_only=True ({error}); "
             "only plain tensor files are accepted"

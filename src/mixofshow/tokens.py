@@ -185,7 +185,7 @@ class ConceptVocabulary:
         return {w: tokenizer.convert_ids_to_tokens(list(t.layer_ids)) for w, t in self.tokens.items()}
 
     @classmethod
-    def from_json(cls, data: dict, tokenizer, num_layers: int) -> "ConceptVocabulary":
+    def from_json(cls, data: dict, tokenizer, num_layers: int) -> ConceptVocabulary:
         vocabulary = cls(num_layers)
         for word, names in data.items():
             ids = tokenizer.convert_tokens_to_ids(names)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -144,7 +145,7 @@ def _load_checkpoint(path: Path, rows: torch.Tensor, lora: list[torch.Tensor], o
         with open(path, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         meta = json.loads(header["__metadata__"]["mixofshow.checkpoint"])
-    except Exception as error:  # any unreadable file is the user's to replace
+    except Exception as error:  # noqa: BLE001 -- any unreadable file is the user's to replace
         raise MixOfShowError(f"checkpoint {path} could not be read ({error})") from None
     if tensors["rows"].shape != rows.shape or len([k for k in tensors if k.startswith("lora.")]) != len(lora):
         raise MixOfShowError(f"checkpoint {path} belongs to another concept or model: shapes differ")
@@ -180,6 +181,204 @@ def checkpoint_dir_for(out: str | Path) -> Path:
     return out.with_name(out.stem + ".checkpoints")
 
 
+class EDLoRATrainer:
+    """One concept's tuning: set-up (models, tokens, LoRA, optimizer), steps, checkpoints, the concept file.
+
+    Args:
+        config: the training config (`load_train_config`).
+        components: already-loaded base components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`),
+            instead of loading `config.base`; they are modified in place.
+        resume: a checkpoint file, or "latest" for the newest in `<out>.checkpoints/`.
+    """
+
+    def __init__(self, config: TrainConfig, components: dict | None = None, resume: str | None = None):
+        # 1. Check everything that can be checked before the models load
+        self.config = config
+        examples = scan_concept_folder(config.data, config.masks, require_placeholder=config.require_placeholder)
+        self.checkpoint_dir = checkpoint_dir_for(config.out)
+        resume_path = _find_resume(resume, self.checkpoint_dir) if resume else None
+
+        # 2. Base model, concept tokens and their initial embeddings
+        # Unused parameters are expected once the embeddings freeze mid-run.
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.components = components = components or load_base_components(config.base)
+        tokenizer, text_encoder, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
+        self.base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
+        num_layers = install_processors(unet)
+        self.rows_per_word = num_layers if config.mode == "edlora" else 1
+        check_new_words(tokenizer, config.words, num_layers)
+        generator = torch.Generator().manual_seed(config.seed)
+        table = text_encoder.get_input_embeddings().weight
+        initial = [initial_embedding(init, tokenizer, table, generator) for init in config.init]
+        self.vocabulary = ConceptVocabulary(num_layers)
+        for word, row in zip(config.words, initial):
+            self.vocabulary.add(tokenizer, text_encoder, word, row[None].expand(self.rows_per_word, -1))
+        first_id = self.vocabulary.tokens[config.words[0]].layer_ids[0]
+        self.dataset = ConceptDataset(examples, config.resolution, " ".join(config.words), flip_p=config.flip_p,
+                                      shuffle_caption=config.shuffle_caption,
+                                      caption_templates=config.caption_templates)
+
+        # 3. Trainable parts: LoRA (PEFT) on both models, concept rows; everything else frozen
+        for model in (unet, text_encoder, vae):
+            model.requires_grad_(False)
+        add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
+        add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
+        self.embedding = ConceptRowsEmbedding(text_encoder.get_input_embeddings(), first_id)
+        text_encoder.set_input_embeddings(self.embedding)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.device = accelerator.device
+        for model in (unet, text_encoder, vae):
+            model.to(self.device)
+            if self.weight_dtype != torch.float32:
+                model.to(self.weight_dtype)  # frozen weights in half precision
+        text_lora, unet_lora = lora_parameters(text_encoder, ADAPTER), lora_parameters(unet, ADAPTER)
+        self.trainable = [self.embedding.rows, *text_lora, *unet_lora]
+        for param in self.trainable:
+            param.data = param.data.float()  # trainable weights stay float32 under mixed precision
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            text_encoder.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(
+            [{"params": [self.embedding.rows], "lr": config.lr_embedding},
+             {"params": text_lora, "lr": config.lr_text_encoder},
+             {"params": unet_lora, "lr": config.lr_unet}],
+            weight_decay=config.weight_decay,
+        )
+        self.lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                                          num_training_steps=config.steps)
+        self.unet, self.text_encoder, self.optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        self.vae, self.tokenizer = vae, tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+
+        self.step = 0
+        if resume_path:
+            self.step = _load_checkpoint(resume_path, self.embedding.rows, self.trainable[1:], self.optimizer,
+                                         self.lr_scheduler)
+            logger.info("resumed from %s at step %d", resume_path, self.step)
+        self.use_reg = config.attn_reg_weight > 0 and config.masks is not None
+        if config.attn_reg_weight > 0 and config.masks is None:
+            logger.info("attention regularisation is off: it needs subject masks (--masks)")
+        self.class_like = [not RANDOM_INIT.match(init) for init in config.init]
+        self.word_ids = torch.tensor([self.vocabulary.tokens[w].layer_ids[0] for w in config.words])
+        self.embeddings_frozen = _maybe_freeze(self.embedding.rows, config.embedding_norm_limit, False)
+
+    def batch(self, step: int, micro: int) -> tuple[dict, torch.Generator]:
+        """The micro-batch of a step and the generator for its noise: both functions of the step only."""
+        config, accelerator = self.config, self.accelerator
+        g = step_generator(config.seed, step, accelerator.process_index, micro)
+        per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+        first = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * config.batch_size
+        return self.dataset.batch(batch_indices(config.seed, first, config.batch_size, len(self.dataset)), g), g
+
+    def loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Masked diffusion loss (+ weighted attention regularisation) of one micro-batch."""
+        config, device, dtype = self.config, self.device, self.weight_dtype
+        pixels = batch["pixel_values"].to(device, dtype)
+        mask = batch["mask"].to(device)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=g) * self.vae.config.scaling_factor
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=g).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+
+        layer_ids = self.vocabulary.layer_input_ids(self.tokenizer, batch["captions"])  # (L, B, T)
+        states = encode_layerwise(self.text_encoder, layer_ids)
+        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
+        present = layer_ids[0][:, :, None] == self.word_ids[None, None, :]  # (B, T, K)
+        positions = present.float().argmax(dim=1)  # (B, K): each word's first position
+        maps: list = []
+        with record_cross_attention(self.unet, positions) if self.use_reg else nullcontext() as recorded:
+            prediction = self.unet(noisy.to(dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
+            maps = recorded or []
+        loss = masked_diffusion_loss(prediction, target, mask if config.masks else torch.ones_like(mask))
+        logs = {"loss": loss.item()}
+        if maps:
+            reg = attention_regularization(maps, mask, tuple(latents.shape[-2:]), self.class_like,
+                                           config.attn_reg_full_identity, present.any(dim=1).to(device))
+            loss = loss + config.attn_reg_weight * reg
+            logs["attn_reg"] = reg.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def evaluation_loss(self, seed: int = 12345, batches: int = 4) -> float:
+        """Mean loss on fixed batches (same images, noise and timesteps every call): for tests and logs."""
+        total = 0.0
+        for i in range(batches):
+            batch, g = self.batch(10**9 + seed + i, 0)  # a step number training never reaches
+            total += self.loss(batch, g)[0].item()
+        return total / batches
+
+    def train_step(self) -> dict:
+        """One optimizer step (all its micro-batches); returns the last micro-batch's logs."""
+        for micro in range(self.config.gradient_accumulation):
+            with self.accelerator.accumulate(self.unet, self.text_encoder):
+                loss, logs = self.loss(*self.batch(self.step, micro))
+                self.accelerator.backward(loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.embeddings_frozen = _maybe_freeze(self.embedding.rows, self.config.embedding_norm_limit,
+                                               self.embeddings_frozen)
+        self.step += 1
+        return logs
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint of the current step into `<out>.checkpoints/`."""
+        path = self.checkpoint_dir / f"step_{self.step:06d}.safetensors"
+        _save_checkpoint(path, self.step, self.embedding.rows, self.trainable[1:], self.optimizer, self.lr_scheduler,
+                         self.config)
+        return path
+
+    def concept(self) -> ConceptFile:
+        """The concept as trained so far."""
+        rows, per_word = self.embedding.rows.detach().float().cpu(), self.rows_per_word
+        return ConceptFile(
+            words=tuple(self.config.words),
+            embeddings={w: rows[i * per_word:(i + 1) * per_word].clone() for i, w in enumerate(self.config.words)},
+            text_encoder_lora=read_lora(self.accelerator.unwrap_model(self.text_encoder), ADAPTER),
+            unet_lora=read_lora(self.accelerator.unwrap_model(self.unet), ADAPTER),
+            rank=self.config.rank,
+            alpha=self.config.alpha,
+            base=self.base_fingerprint,
+            initializers=tuple(self.config.init),
+            mode=self.config.mode,
+            config=dataclasses.asdict(self.config),
+        )
+
+    def run(self, progress: bool = True) -> Path:
+        """Train to `config.steps`, checkpointing on the way; write the concept file and the validation grid."""
+        config, accelerator = self.config, self.accelerator
+        bar = tqdm(total=config.steps, initial=self.step, disable=not (progress and accelerator.is_main_process),
+                   desc="ED-LoRA" if config.mode == "edlora" else "LoRA")
+        while self.step < config.steps:
+            logs = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", frozen=self.embeddings_frozen)
+            every = config.checkpoint_every
+            if every and self.step % every == 0 and self.step < config.steps and accelerator.is_main_process:
+                self.save_checkpoint()
+        bar.close()
+        accelerator.wait_for_everyone()
+        out = Path(config.out)
+        if accelerator.is_main_process:
+            save_concept(self.concept(), out)
+            logger.info("wrote %s", out)
+            if config.validation_steps:
+                validation_grid(self.components, accelerator, self.vocabulary, config).save(
+                    out.with_suffix(".validation.png"))
+        return out
+
+
 def train(config: TrainConfig, resume: str | None = None, components: dict | None = None,
           progress: bool = True) -> Path:
     """Tune one concept with ED-LoRA (or plain LoRA) and write its concept file.
@@ -187,131 +386,13 @@ def train(config: TrainConfig, resume: str | None = None, components: dict | Non
     Args:
         config: the training config (`load_train_config`).
         resume: a checkpoint file, or "latest" for the newest in `<out>.checkpoints/`.
-        components: already-loaded base components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`),
-            instead of loading `config.base`; they are modified in place.
+        components: already-loaded base components instead of loading `config.base` (modified in place).
         progress: show a progress bar.
 
     Returns:
         The path of the concept file written.
     """
-    # 1. Check everything that can be checked before the models load
-    examples = scan_concept_folder(config.data, config.masks, require_placeholder=config.require_placeholder)
-    checkpoint_dir = checkpoint_dir_for(config.out)
-    resume_path = _find_resume(resume, checkpoint_dir) if resume else None
-
-    # 2. Base model, concept tokens and their initial embeddings
-    # Unused parameters are expected once the embeddings freeze mid-run.
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.gradient_accumulation,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    components = components or load_base_components(config.base)
-    tokenizer, text_encoder, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
-    base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
-    num_layers = install_processors(unet)
-    rows_per_word = num_layers if config.mode == "edlora" else 1
-    check_new_words(tokenizer, config.words, num_layers)
-    generator = torch.Generator().manual_seed(config.seed)
-    table = text_encoder.get_input_embeddings().weight
-    initial = [initial_embedding(init, tokenizer, table, generator) for init in config.init]
-    vocabulary = ConceptVocabulary(num_layers)
-    for word, row in zip(config.words, initial):
-        vocabulary.add(tokenizer, text_encoder, word, row[None].expand(rows_per_word, -1))
-    first_id = vocabulary.tokens[config.words[0]].layer_ids[0]
-    dataset = ConceptDataset(examples, config.resolution, " ".join(config.words), flip_p=config.flip_p,
-                             shuffle_caption=config.shuffle_caption, caption_templates=config.caption_templates)
-
-    # 3. Trainable parts: LoRA (PEFT) on both models, concept rows; everything else frozen
-    for model in (unet, text_encoder, vae):
-        model.requires_grad_(False)
-    add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
-    add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
-    embedding = ConceptRowsEmbedding(text_encoder.get_input_embeddings(), first_id)
-    text_encoder.set_input_embeddings(embedding)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    device = accelerator.device
-    for model in (unet, text_encoder, vae):
-        model.to(device)
-        if weight_dtype != torch.float32:
-            model.to(weight_dtype)  # frozen weights in half precision
-    text_lora, unet_lora = lora_parameters(text_encoder, ADAPTER), lora_parameters(unet, ADAPTER)
-    for param in [embedding.rows, *text_lora, *unet_lora]:
-        param.data = param.data.float()  # trainable weights stay float32 under mixed precision
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(
-        [{"params": [embedding.rows], "lr": config.lr_embedding},
-         {"params": text_lora, "lr": config.lr_text_encoder},
-         {"params": unet_lora, "lr": config.lr_unet}],
-        weight_decay=config.weight_decay,
-    )
-    lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                                 num_training_steps=config.steps)
-    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-
-    start = 0
-    if resume_path:
-        start = _load_checkpoint(resume_path, embedding.rows, [*text_lora, *unet_lora], optimizer, lr_scheduler)
-        logger.info("resumed from %s at step %d", resume_path, start)
-
-    use_reg = config.attn_reg_weight > 0 and config.masks is not None
-    if config.attn_reg_weight > 0 and config.masks is None:
-        logger.info("attention regularisation is off: it needs subject masks (--masks)")
-    class_like = [not RANDOM_INIT.match(init) for init in config.init]
-    word_ids = torch.tensor([vocabulary.tokens[w].layer_ids[0] for w in config.words])
-    embeddings_frozen = _maybe_freeze(embedding.rows, config.embedding_norm_limit, False)
-
-    # 4. Training loop
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and accelerator.is_main_process),
-               desc="ED-LoRA" if config.mode == "edlora" else "LoRA")
-    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
-    for step in range(start, config.steps):
-        for micro in range(config.gradient_accumulation):
-            with accelerator.accumulate(unet, text_encoder):
-                g = step_generator(config.seed, step, accelerator.process_index, micro)
-                first = step * samples_per_step + (micro * accelerator.num_processes + accelerator.process_index) \
-                    * config.batch_size
-                batch = dataset.batch(batch_indices(config.seed, first, config.batch_size, len(dataset)), g)
-                loss, logs = _training_loss(batch, g, tokenizer, text_encoder, unet, vae, noise_scheduler,
-                                            vocabulary, word_ids, class_like, use_reg, config, device, weight_dtype)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        embeddings_frozen = _maybe_freeze(embedding.rows, config.embedding_norm_limit, embeddings_frozen)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", frozen=embeddings_frozen)
-        done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps \
-                and accelerator.is_main_process:
-            _save_checkpoint(checkpoint_dir / f"step_{done:06d}.safetensors", done, embedding.rows,
-                             [*text_lora, *unet_lora], optimizer, lr_scheduler, config)
-    bar.close()
-
-    # 5. The concept file, and the validation grid
-    accelerator.wait_for_everyone()
-    out = Path(config.out)
-    if accelerator.is_main_process:
-        rows = embedding.rows.detach().float().cpu()
-        concept = ConceptFile(
-            words=tuple(config.words),
-            embeddings={w: rows[i * rows_per_word:(i + 1) * rows_per_word].clone() for i, w in enumerate(config.words)},
-            text_encoder_lora=read_lora(accelerator.unwrap_model(text_encoder), ADAPTER),
-            unet_lora=read_lora(accelerator.unwrap_model(unet), ADAPTER),
-            rank=config.rank,
-            alpha=config.alpha,
-            base=base_fingerprint,
-            initializers=tuple(config.init),
-            mode=config.mode,
-            config=dataclasses.asdict(config),
-        )
-        save_concept(concept, out)
-        logger.info("wrote %s", out)
-        if config.validation_steps:
-            grid = validation_grid(components, accelerator, vocabulary, config)
-            grid.save(out.with_suffix(".validation.png"))
-    return out
+    return EDLoRATrainer(config, components, resume).run(progress)
 
 
 def _maybe_freeze(rows: torch.nn.Parameter, limit: float, frozen: bool) -> bool:
@@ -321,45 +402,6 @@ def _maybe_freeze(rows: torch.nn.Parameter, limit: float, frozen: bool) -> bool:
         logger.info("concept embeddings reached mean norm %.3f: frozen, LoRA training goes on", limit)
         return True
     return frozen
-
-
-def _training_loss(batch, g, tokenizer, text_encoder, unet, vae, noise_scheduler, vocabulary, word_ids, class_like,
-                   use_reg, config, device, weight_dtype):
-    pixels = batch["pixel_values"].to(device, weight_dtype)
-    mask = batch["mask"].to(device)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
-    latents = latents.float()
-    noise = torch.randn(latents.shape, generator=g).to(device)
-    if config.noise_offset:
-        noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-    timesteps = timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-
-    layer_ids = vocabulary.layer_input_ids(tokenizer, batch["captions"])  # (L, B, T)
-    states = encode_layerwise(text_encoder, layer_ids)
-    kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
-    present = (layer_ids[0][:, :, None] == word_ids[None, None, :])  # (B, T, K)
-    positions = present.float().argmax(dim=1)  # (B, K): first occurrence
-    maps: list = []
-    if use_reg:
-        with record_cross_attention(unet, positions) as maps:
-            prediction = unet(noisy.to(weight_dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
-    else:
-        prediction = unet(noisy.to(weight_dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
-    loss = masked_diffusion_loss(prediction, target, mask if config.masks else torch.ones_like(mask))
-    logs = {"loss": loss.item()}
-    if use_reg and maps:
-        reg = attention_regularization(maps, mask, tuple(latents.shape[-2:]), class_like,
-                                       config.attn_reg_full_identity, present.any(dim=1).to(device))
-        loss = loss + config.attn_reg_weight * reg
-        logs["attn_reg"] = reg.item()
-    return loss, logs
 
 
 @torch.no_grad()

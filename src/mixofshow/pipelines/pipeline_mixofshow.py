@@ -72,7 +72,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         self.adapter_scales: dict[str, float] = {}
 
     @classmethod
-    def from_base(cls, base: str | Path, dtype: torch.dtype = torch.float32) -> "MixOfShowPipeline":
+    def from_base(cls, base: str | Path, dtype: torch.dtype = torch.float32) -> MixOfShowPipeline:
         """A pipeline from a base model: diffusers folder, single checkpoint file or Hub id."""
         return cls(**load_base_components(base, dtype))
 

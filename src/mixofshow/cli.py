@@ -1,0 +1,190 @@
+"""The `mixofshow` command: thin argument parsing over the library (train, sample, inspect, import-official)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import MixOfShowError
+
+# transformers warns on import about optional image backends we never use; the CLI keeps its output clean.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (either --model, or --base with optional --concept files)")
+    model.add_argument("--model", help="a model folder (diffusers pipeline, e.g. a fused model)")
+    model.add_argument("--base", help="base model: diffusers folder, .safetensors/.ckpt file, or Hub id")
+    model.add_argument("--concept", action="append", default=[], help="concept file to load (repeatable)")
+    model.add_argument("--scale", type=float, nargs="+", default=None,
+                       help="LoRA scale per concept (one value applies to all; default 1.0)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--prompt", required=True)
+    sampling.add_argument("--negative-prompt", default="")
+    sampling.add_argument("--steps", type=int, default=50)
+    sampling.add_argument("--guidance", type=float, default=7.5)
+    sampling.add_argument("--height", type=int, default=None)
+    sampling.add_argument("--width", type=int, default=None)
+    sampling.add_argument("--seed", type=int, default=0, help="seeds a CPU generator: same seed, same image anywhere")
+    sampling.add_argument("--scheduler", default=None, help="ddim, dpm++, euler, euler_a or pndm")
+    sampling.add_argument("--num-images", type=int, default=1)
+    sampling.add_argument("--out", default="sample.png", help="image file; several images get _0, _1, ... suffixes")
+    sampling.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    sampling.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                          help="weights dtype (default: float16 on cuda, float32 on cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixofshow", description=__doc__.split("\n")[0])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="tune one concept with ED-LoRA (or plain LoRA)")
+    train.add_argument("config", nargs="?", help="YAML/JSON training config; flags override its fields")
+    train.add_argument("--base")
+    train.add_argument("--data", help="folder of images with same-name .txt captions using <TOK>")
+    train.add_argument("--masks", help="folder of .png subject masks with the images' base names")
+    train.add_argument("--words", help="concept words, e.g. '<hina1>+<hina2>'")
+    train.add_argument("--init", help="initialisers, e.g. '<rand-0.013>+girl'")
+    train.add_argument("--mode", choices=["edlora", "lora"])
+    train.add_argument("--steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--rank", type=int)
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    train.add_argument("--gradient-accumulation", type=int)
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--validation-steps", type=int, help="sampling steps of the validation grid (0 = none)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--out", help="concept file to write (.safetensors)")
+    train.add_argument("--resume", help="a checkpoint file, or 'latest'")
+
+    sample = commands.add_parser("sample", help="sample images from a base model with concepts, or a fused model")
+    _add_sampling_flags(sample)
+
+    inspect = commands.add_parser("inspect", help="show what a concept file holds")
+    inspect.add_argument("file")
+
+    convert = commands.add_parser("import-official", help="convert an official Mix-of-Show ED-LoRA .pth")
+    convert.add_argument("file")
+    convert.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
+    convert.add_argument("--alpha", type=float, default=1.0, help="the official LoRA alpha it was trained with")
+    return parser
+
+
+def run_train(args) -> None:
+    from .config import load_train_config
+    from .tokens import split_words
+    from .train import train
+
+    overrides = {
+        "base": args.base, "data": args.data, "masks": args.masks, "mode": args.mode, "steps": args.steps,
+        "batch_size": args.batch_size, "resolution": args.resolution, "rank": args.rank,
+        "mixed_precision": args.mixed_precision, "gradient_accumulation": args.gradient_accumulation,
+        "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
+        "validation_steps": args.validation_steps, "seed": args.seed, "out": args.out,
+        "words": list(split_words(args.words)) if args.words else None,
+        "init": list(split_words(args.init)) if args.init else None,
+    }
+    if args.words and not args.init:
+        overrides["init"] = ["<rand-0.013>"] * len(overrides["words"])
+    config = load_train_config(args.config, **overrides)
+    out = train(config, resume=args.resume, progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def _device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, name)
+
+
+def run_sample(args) -> None:
+    from .pipelines import MixOfShowPipeline
+
+    if bool(args.model) == bool(args.base):
+        raise MixOfShowError("give exactly one of --model DIR or --base B (with optional --concept files)")
+    if args.model and args.concept:
+        raise MixOfShowError("--concept goes with --base; a --model folder already holds its concepts")
+    scales = args.scale or [1.0]
+    if len(scales) == 1:
+        scales = scales * max(1, len(args.concept))
+    if len(scales) != max(1, len(args.concept)):
+        raise MixOfShowError(f"--scale has {len(scales)} values for {len(args.concept)} --concept files")
+    if args.num_images < 1:
+        raise MixOfShowError(f"--num-images must be at least 1, got {args.num_images}")
+    missing = [c for c in args.concept if not Path(c).is_file()]
+    if missing:
+        raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
+    device, dtype = _device_and_dtype(args)
+    pipe = MixOfShowPipeline.from_base(args.model or args.base, dtype=dtype)
+    for path, scale in zip(args.concept, scales):
+        pipe.load_concept(path, scale=scale)
+    if args.scheduler:
+        pipe.use_scheduler(args.scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  num_images_per_prompt=args.num_images, seed=args.seed).images
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        image.save(path)
+        print(f"wrote {path}")
+
+
+def run_inspect(args) -> None:
+    from .concept_file import load_concept
+
+    concept = load_concept(args.file)
+    meta = concept.metadata()
+    print(f"{args.file}: {concept.mode} concept, words {' '.join(concept.words)}")
+    for word in concept.words:
+        rows = concept.embeddings[word]
+        print(f"  {word}: {rows.shape[0]} layer-wise embedding(s) of size {rows.shape[1]}, "
+              f"mean norm {rows.norm(dim=-1).mean():.3f}")
+    for part, weights in (("text encoder", concept.text_encoder_lora), ("unet", concept.unet_lora)):
+        params = sum(a.numel() + b.numel() for a, b in weights.values())
+        print(f"  LoRA on {part}: {len(weights)} layers, {params:,} parameters")
+    print(f"  rank {concept.rank}, alpha {concept.alpha:g} (scale alpha/rank = {concept.alpha / concept.rank:g})")
+    print(f"  initialisers: {', '.join(concept.initializers) or 'unknown'}")
+    print(f"  base model: {json.dumps(meta['base'])}")
+    if concept.config:
+        print(f"  training config: {json.dumps(concept.config)}")
+
+
+def run_import(args) -> None:
+    from .concept_file import import_official, save_concept
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise MixOfShowError(f"--out must name a .safetensors file, got {out}")
+    save_concept(import_official(args.file, alpha=args.alpha), out)
+    print(f"wrote {out}")
+
+
+COMMANDS = {"train": run_train, "sample": run_sample, "inspect": run_inspect, "import-official": run_import}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except MixOfShowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
