@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-# The `cross_attention_kwargs` key that carries the per-layer prompt encodings, shape (L, B, T, D).
+# `cross_attention_kwargs` keys: the per-layer prompt encodings (L, B, T, D), and an `AttentionMapRecorder`.
+# Both travel with the call (not as processor state), so gradient checkpointing recomputes the same path.
 LAYERWISE_KEY = "layerwise_encoder_hidden_states"
+RECORDER_KEY = "attention_recorder"
 
 
 def cross_attention_layers(unet) -> list[tuple[str, Attention]]:
@@ -37,7 +36,10 @@ def cross_attention_layers(unet) -> list[tuple[str, Attention]]:
 
 
 class AttentionMapRecorder:
-    """Collects head-averaged cross-attention probabilities of chosen token positions, one entry per layer call."""
+    """Collects head-averaged cross-attention probabilities of chosen token positions, one entry per layer call.
+
+    Pass it to the UNet as `cross_attention_kwargs={RECORDER_KEY: recorder}`.
+    """
 
     def __init__(self, token_positions: torch.Tensor):
         self.token_positions = token_positions  # (B, K) token index per sample and tracked token
@@ -60,7 +62,6 @@ class MixOfShowAttnProcessor:
 
     def __init__(self, layer_index: int | None = None):
         self.layer_index = layer_index
-        self.recorder: AttentionMapRecorder | None = None
 
     def __call__(
         self,
@@ -70,6 +71,7 @@ class MixOfShowAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         layerwise_encoder_hidden_states: torch.Tensor | None = None,
+        attention_recorder: AttentionMapRecorder | None = None,
     ) -> torch.Tensor:
         if self.layer_index is not None and layerwise_encoder_hidden_states is not None:
             layers = layerwise_encoder_hidden_states
@@ -105,13 +107,13 @@ class MixOfShowAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.recorder is not None and self.layer_index is not None:
+        if attention_recorder is not None and self.layer_index is not None:
             # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
             scores = query @ key.transpose(-1, -2) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask
             probs = scores.softmax(dim=-1)
-            self.recorder.record(probs, batch_size)
+            attention_recorder.record(probs, batch_size)
             hidden_states = probs.to(value.dtype) @ value
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
@@ -142,29 +144,3 @@ def install_processors(unet) -> int:
         processors[key] = MixOfShowAttnProcessor(layer_index.get(module_path))
     unet.set_attn_processor(processors)
     return len(layer_index)
-
-
-@contextmanager
-def record_cross_attention(unet, token_positions: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """Record cross-attention maps of the given token positions while the context is open.
-
-    Args:
-        unet: a UNet with `install_processors` applied.
-        token_positions: `(B, K)` long tensor, the prompt position of each tracked token per sample.
-
-    Yields:
-        The list the maps are appended to, one `(B, HW, K)` tensor per cross-attention layer call.
-    """
-    recorder = AttentionMapRecorder(token_positions)
-    processors = [
-        p for p in unet.attn_processors.values() if isinstance(p, MixOfShowAttnProcessor) and p.layer_index is not None
-    ]
-    if not processors:
-        raise RuntimeError("record_cross_attention needs install_processors(unet) first")
-    for processor in processors:
-        processor.recorder = recorder
-    try:
-        yield recorder.maps
-    finally:
-        for processor in processors:
-            processor.recorder = None

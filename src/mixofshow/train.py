@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .attention import LAYERWISE_KEY, install_processors, record_cross_attention
+from .attention import LAYERWISE_KEY, RECORDER_KEY, AttentionMapRecorder, install_processors
 from .concept_file import ConceptFile, fingerprint, save_concept, write_atomically
 from .config import TrainConfig
 from .data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
@@ -206,7 +205,7 @@ class EDLoRATrainer:
         self.components = components = components or load_base_components(config.base)
         tokenizer, text_encoder, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
         self.base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
-        num_layers = install_processors(unet)
+        self.num_cross_layers = num_layers = install_processors(unet)
         self.rows_per_word = num_layers if config.mode == "edlora" else 1
         check_new_words(tokenizer, config.words, num_layers)
         generator = torch.Generator().manual_seed(config.seed)
@@ -239,7 +238,7 @@ class EDLoRATrainer:
             param.data = param.data.float()  # trainable weights stay float32 under mixed precision
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
         optimizer = torch.optim.AdamW(
             [{"params": [self.embedding.rows], "lr": config.lr_embedding},
              {"params": text_lora, "lr": config.lr_text_encoder},
@@ -293,13 +292,14 @@ class EDLoRATrainer:
 
         layer_ids = self.vocabulary.layer_input_ids(self.tokenizer, batch["captions"])  # (L, B, T)
         states = encode_layerwise(self.text_encoder, layer_ids)
-        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
+        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
         present = layer_ids[0][:, :, None] == self.word_ids[None, None, :]  # (B, T, K)
-        positions = present.float().argmax(dim=1)  # (B, K): each word's first position
-        maps: list = []
-        with record_cross_attention(self.unet, positions) if self.use_reg else nullcontext() as recorded:
-            prediction = self.unet(noisy.to(dtype), timesteps, states[0], cross_attention_kwargs=kwargs).sample
-            maps = recorded or []
+        recorder = AttentionMapRecorder(present.float().argmax(dim=1)) if self.use_reg else None  # first positions
+        if recorder:
+            kwargs[RECORDER_KEY] = recorder
+        prediction = self.unet(noisy.to(dtype), timesteps, states[0], cross_attention_kwargs=kwargs or None).sample
+        # Gradient checkpointing re-runs layers (and re-records) in backward; the forward's maps come first.
+        maps = recorder.maps[: self.num_cross_layers] if recorder else []
         loss = masked_diffusion_loss(prediction, target, mask if config.masks else torch.ones_like(mask))
         logs = {"loss": loss.item()}
         if maps:
