@@ -16,8 +16,16 @@ _LAZY = {
     "load_train_config": "config",
     "train": "train",
 }
-__all__ = ["MixOfShowError", "ConceptFile", "load_concept", "save_concept", "MixOfShowPipeline", "TrainConfig",
-           "load_train_config", "train"]
+__all__ = [
+    "ConceptFile",
+    "MixOfShowError",
+    "MixOfShowPipeline",
+    "TrainConfig",
+    "load_concept",
+    "load_train_config",
+    "save_concept",
+    "train",
+]
 
 
 def __getattr__(name: str):

@@ -60,8 +60,9 @@ class MixOfShowAttnProcessor:
     `AttnProcessor2_0` computation.
     """
 
-    def __init__(self, layer_index: int | None = None):
+    def __init__(self, layer_index: int | None = None, explicit_softmax: bool = False):
         self.layer_index = layer_index
+        self.explicit_softmax = explicit_softmax  # the classic materialised-softmax path (benchmark reference)
 
     def __call__(
         self,
@@ -107,13 +108,15 @@ class MixOfShowAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if attention_recorder is not None and self.layer_index is not None:
+        recording = attention_recorder is not None and self.layer_index is not None
+        if recording or self.explicit_softmax:
             # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
             scores = query @ key.transpose(-1, -2) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask
             probs = scores.softmax(dim=-1)
-            attention_recorder.record(probs, batch_size)
+            if recording:
+                attention_recorder.record(probs, batch_size)
             hidden_states = probs.to(value.dtype) @ value
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
@@ -128,11 +131,12 @@ class MixOfShowAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_processors(unet) -> int:
+def install_processors(unet, explicit_softmax: bool = False) -> int:
     """Put a `MixOfShowAttnProcessor` on every attention module of the UNet.
 
     Args:
         unet: a diffusers `UNet2DConditionModel`.
+        explicit_softmax: materialise every attention matrix instead of using SDPA (a reference, slower).
 
     Returns:
         The number of cross-attention layers (the layer-wise embedding count).
@@ -141,6 +145,6 @@ def install_processors(unet) -> int:
     processors = {}
     for key in unet.attn_processors:
         module_path = key.removesuffix(".processor")
-        processors[key] = MixOfShowAttnProcessor(layer_index.get(module_path))
+        processors[key] = MixOfShowAttnProcessor(layer_index.get(module_path), explicit_softmax)
     unet.set_attn_processor(processors)
     return len(layer_index)

@@ -107,7 +107,9 @@ def _device_and_dtype(args):
 
 
 def run_sample(args) -> None:
-    from .pipelines import MixOfShowPipeline
+    from .concept_file import load_concept
+    from .pipelines import SCHEDULERS, MixOfShowPipeline
+    from .tokens import ConceptVocabulary
 
     if bool(args.model) == bool(args.base):
         raise MixOfShowError("give exactly one of --model DIR or --base B (with optional --concept files)")
@@ -123,10 +125,18 @@ def run_sample(args) -> None:
     missing = [c for c in args.concept if not Path(c).is_file()]
     if missing:
         raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
+    if args.scheduler and args.scheduler not in SCHEDULERS:
+        raise MixOfShowError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    concepts = [load_concept(path) for path in args.concept]  # small files: read and checked before the model
+    if args.base:
+        vocabulary = ConceptVocabulary(num_layers=1)
+        vocabulary.tokens = {w: None for c in concepts for w in c.words}
+        for text in (args.prompt, args.negative_prompt):
+            vocabulary.check_prompt(text)
     device, dtype = _device_and_dtype(args)
     pipe = MixOfShowPipeline.from_base(args.model or args.base, dtype=dtype)
-    for path, scale in zip(args.concept, scales):
-        pipe.load_concept(path, scale=scale)
+    for path, concept, scale in zip(args.concept, concepts, scales):
+        pipe.load_concept(concept, scale=scale, source=path)
     if args.scheduler:
         pipe.use_scheduler(args.scheduler)
     pipe.to(device)
@@ -178,6 +188,12 @@ COMMANDS = {"train": run_train, "sample": run_sample, "inspect": run_inspect, "i
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         COMMANDS[args.command](args)
     except MixOfShowError as error:

@@ -52,6 +52,22 @@ def read_lora(model: torch.nn.Module, name: str) -> LoraWeights:
     }
 
 
+def align_module_paths(model: torch.nn.Module, weights: LoraWeights) -> LoraWeights:
+    """Rename module paths between the two layouts of transformers' `CLIPTextModel`.
+
+    transformers 4.x nests the text encoder's layers under `text_model.` (as official Mix-of-Show files do);
+    transformers 5.x does not. A path the model lacks is mapped to the other layout when the model has that one.
+    """
+    modules = dict(model.named_modules())
+    aligned = {}
+    for path, pair in weights.items():
+        if path not in modules:
+            other = path.removeprefix("text_model.") if path.startswith("text_model.") else f"text_model.{path}"
+            path = other if other in modules else path
+        aligned[path] = pair
+    return aligned
+
+
 def check_lora_shapes(model: torch.nn.Module, weights: LoraWeights, part: str, source: str) -> None:
     """Raise, naming the first offending key, if `weights` do not fit the model's linear layers."""
     modules = dict(model.named_modules())

@@ -27,7 +27,7 @@ def load_base_components(base: str | Path, dtype: torch.dtype = torch.float32) -
         A dict with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`.
     """
     path = Path(base)
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise MixOfShowError(f"base model folder {path} has no model_index.json: give a diffusers pipeline folder")

@@ -102,3 +102,13 @@ def sd15_components(seed: int = 0) -> dict:
         sample_size=512,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}
+
+
+def save_tiny_base(path, seed: int = 0):
+    """Write `tiny_components(seed)` as a diffusers pipeline folder (what `--base DIR` takes); returns the path."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components(seed), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path

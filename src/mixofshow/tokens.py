@@ -111,6 +111,20 @@ class ConceptVocabulary:
         Returns:
             The registered `ConceptToken`.
         """
+        self.check(tokenizer, text_encoder, word, rows)
+        names = [layer_token_name(word, k) for k in range(rows.shape[0])]
+        tokenizer.add_tokens(names)
+        ids = tokenizer.convert_tokens_to_ids(names)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[ids] = rows.to(table.device, table.dtype)
+        layer_ids = tuple(ids) if len(ids) > 1 else tuple(ids) * self.num_layers
+        self.tokens[word] = ConceptToken(word, layer_ids)
+        return self.tokens[word]
+
+    def check(self, tokenizer, text_encoder, word: str, rows: torch.Tensor) -> None:
+        """Raise, changing nothing, if `add` would refuse this word and these rows."""
         if rows.shape[0] not in (1, self.num_layers):
             raise MixOfShowError(
                 f"concept word {word!r} has {rows.shape[0]} layer-wise embeddings but this model has "
@@ -123,16 +137,6 @@ class ConceptVocabulary:
                 f"{hidden}: the concept was trained on another base model"
             )
         check_new_words(tokenizer, (word,), self.num_layers)
-        names = [layer_token_name(word, k) for k in range(rows.shape[0])]
-        tokenizer.add_tokens(names)
-        ids = tokenizer.convert_tokens_to_ids(names)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        table = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[ids] = rows.to(table.device, table.dtype)
-        layer_ids = tuple(ids) if len(ids) > 1 else tuple(ids) * self.num_layers
-        self.tokens[word] = ConceptToken(word, layer_ids)
-        return self.tokens[word]
 
     def check_prompt(self, prompt: str) -> None:
         """Raise if the prompt uses an `<angle-bracket>` word that is not a known concept."""

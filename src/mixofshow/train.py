@@ -291,7 +291,7 @@ class EDLoRATrainer:
             target = noise
 
         layer_ids = self.vocabulary.layer_input_ids(self.tokenizer, batch["captions"])  # (L, B, T)
-        states = encode_layerwise(self.text_encoder, layer_ids)
+        states = self.encode(layer_ids)
         kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
         present = layer_ids[0][:, :, None] == self.word_ids[None, None, :]  # (B, T, K)
         recorder = AttentionMapRecorder(present.float().argmax(dim=1)) if self.use_reg else None  # first positions
@@ -308,6 +308,10 @@ class EDLoRATrainer:
             loss = loss + config.attn_reg_weight * reg
             logs["attn_reg"] = reg.item()
         return loss, logs
+
+    def encode(self, layer_ids: torch.Tensor) -> torch.Tensor:
+        """`(L, B, T)` ids -> `(L, B, T, D)` encodings, all layers in one text-encoder batch."""
+        return encode_layerwise(self.text_encoder, layer_ids)
 
     @torch.no_grad()
     def evaluation_loss(self, seed: int = 12345, batches: int = 4) -> float:

@@ -20,7 +20,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from ..attention import LAYERWISE_KEY, install_processors
 from ..concept_file import ConceptFile, fingerprint, load_concept
 from ..errors import MixOfShowError
-from ..lora import activate, check_lora_shapes, load_lora, lora_layers, set_lora_scale
+from ..lora import activate, align_module_paths, check_lora_shapes, load_lora, lora_layers, set_lora_scale
 from ..models import load_base_components
 from ..tokens import ConceptVocabulary, encode_layerwise
 
@@ -78,34 +78,39 @@ class MixOfShowPipeline(StableDiffusionPipeline):
 
     # -- concepts -------------------------------------------------------------------------------------------------
 
-    def load_concept(self, concept: str | Path | ConceptFile, scale: float = 1.0, name: str | None = None) -> str:
+    def load_concept(self, concept: str | Path | ConceptFile, scale: float = 1.0, name: str | None = None,
+                     source: str | None = None) -> str:
         """Add a concept: its words to the tokenizer and text encoder, its LoRA as a PEFT adapter at `scale`.
 
         Args:
             concept: a concept file (ours or an official `.pth`) or a loaded `ConceptFile`.
             scale: the LoRA scale (0 = embeddings only, 1 = as trained).
             name: the adapter name; defaults to the first word.
+            source: how to name the concept in error messages (default: its path).
 
         Returns:
             The adapter name, for `set_concept_scale`.
         """
-        source = str(concept) if not isinstance(concept, ConceptFile) else "concept"
+        source = source or (str(concept) if not isinstance(concept, ConceptFile) else "concept")
         concept = concept if isinstance(concept, ConceptFile) else load_concept(concept)
         if not torch.isfinite(torch.tensor(float(scale))):
             raise MixOfShowError(f"LoRA scale for {source} must be a finite number, got {scale}")
         concept.base.check(self.base_fingerprint, source)
-        check_lora_shapes(self.text_encoder, concept.text_encoder_lora, "text_encoder", source)
+        text_encoder_lora = align_module_paths(self.text_encoder, concept.text_encoder_lora)
+        check_lora_shapes(self.text_encoder, text_encoder_lora, "text_encoder", source)
         check_lora_shapes(self.unet, concept.unet_lora, "unet", source)
         for word in concept.words:
             if word in self.concepts:
                 raise MixOfShowError(f"{source}: concept word {word!r} is already loaded from another concept")
+            # Check every word before adding any, so a refused concept leaves the pipeline unchanged.
+            self.concepts.check(self.tokenizer, self.text_encoder, word, concept.embeddings[word])
         name = name or re.sub(r"\W+", "_", concept.words[0]).strip("_") or f"concept{len(self.adapter_scales)}"
         if name in self.adapter_scales:
             raise MixOfShowError(f"{source}: adapter name {name!r} is already used; pass another name")
 
         for word in concept.words:
             self.concepts.add(self.tokenizer, self.text_encoder, word, concept.embeddings[word])
-        for model, weights in ((self.text_encoder, concept.text_encoder_lora), (self.unet, concept.unet_lora)):
+        for model, weights in ((self.text_encoder, text_encoder_lora), (self.unet, concept.unet_lora)):
             load_lora(model, weights, concept.rank, concept.alpha, name)
         self.adapter_scales[name] = float(scale)
         self._apply_adapters()
@@ -130,7 +135,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         """Switch the sampler: one of `SCHEDULERS` (ddim, dpm++, euler, euler_a, pndm)."""
         if name not in SCHEDULERS:
             raise MixOfShowError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+        # PNDM as Stable Diffusion runs it: PLMS steps only (the PRK warm-up needs >= 4 steps and adds UNet calls).
+        overrides = {"skip_prk_steps": True} if name == "pndm" else {}
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **overrides)
 
     # -- sampling -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one prepared GPU check for a session with the device tool: versions, then the training-step benchmark.
+# Expects wheels/diffusers-*.whl carried along (the device image has torch, transformers, peft, accelerate).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+pip install --quiet --no-deps wheels/diffusers-*.whl 2>&1 | tail -2
+python -c "import torch, transformers, peft, accelerate, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+timeout 300 python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 --precision fp16 \
+  --steps 20 --warmup 5 2>&1 | tee "$OUT/train_step_fp16.txt"
+timeout 150 python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 --precision bf16 \
+  --steps 20 --warmup 5 --variants ours 2>&1 | tee "$OUT/train_step_bf16.txt"

@@ -1,0 +1,81 @@
+"""The `mixofshow` command end to end on a tiny base model folder: train, inspect, sample, import-official."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mixofshow.cli import main
+from mixofshow.testing import save_tiny_base
+from test_train import make_concept_folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "tiny")
+
+
+def test_train_inspect_sample(base, tmp_path, capsys):
+    data, masks = make_concept_folder(tmp_path)
+    out = tmp_path / "hina.safetensors"
+    config = tmp_path / "train.yaml"
+    config.write_text(f"base: {base}\ndata: {data}\nresolution: 32\nvalidation_steps: 0\n")
+    code = main(["--quiet", "train", str(config), "--masks", str(masks), "--words", "<hina1>+<hina2>",
+                 "--init", "<rand-0.013>+girl", "--steps", "2", "--out", str(out)])
+    assert code == 0 and out.is_file()
+
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "<hina1>: 7 layer-wise embedding(s) of size 32" in shown and "rank 4" in shown
+
+    image = tmp_path / "x.png"
+    code = main(["--quiet", "sample", "--base", str(base), "--concept", str(out), "--scale", "0.7",
+                 "--prompt", "a <hina1> <hina2> near the sea", "--steps", "2", "--out", str(image)])
+    assert code == 0
+    assert Image.open(image).size == (32, 32)
+    again = tmp_path / "y.png"
+    main(["--quiet", "sample", "--base", str(base), "--concept", str(out), "--scale", "0.7",
+          "--prompt", "a <hina1> <hina2> near the sea", "--steps", "2", "--out", str(again)])
+    assert image.read_bytes() == again.read_bytes(), "the same seed must give the same image"
+
+
+def test_sample_several_images_and_scheduler(base, tmp_path):
+    out = tmp_path / "cat.png"
+    code = main(["--quiet", "sample", "--base", str(base), "--prompt", "a cat", "--steps", "2", "--num-images",
+                 "2", "--scheduler", "euler", "--out", str(out)])
+    assert code == 0
+    assert (tmp_path / "cat_0.png").is_file() and (tmp_path / "cat_1.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--prompt", "x"], "exactly one of --model"),
+        (["sample", "--base", "BASE", "--concept", "missing.safetensors", "--prompt", "x"], "not found"),
+        (["sample", "--base", "BASE", "--prompt", "a <nobody1>", "--steps", "1"], "<nobody1>"),
+        (["sample", "--base", "BASE", "--prompt", "x", "--height", "33"], "height"),
+        (["sample", "--base", "BASE", "--prompt", "x", "--scheduler", "magic"], "unknown scheduler"),
+        (["sample", "--base", "/nowhere/model", "--prompt", "x"], "does not exist"),
+        (["inspect", "missing.safetensors"], "does not exist"),
+        (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors"], "does not exist"),
+    ],
+)
+def test_errors_are_one_clear_line(base, args, message, capsys):
+    args = [str(base) if a == "BASE" else a for a in args]
+    assert main(["--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_import_official(tmp_path, capsys):
+    official = tmp_path / "edlora.pth"
+    torch.save({"params": {
+        "new_concept_embedding": {"<a1>": torch.randn(7, 32), "<a2>": torch.randn(7, 32)},
+        "text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight": torch.randn(4, 32),
+                         "text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight": torch.randn(32, 4)},
+        "unet": {}}}, official)
+    out = tmp_path / "a.safetensors"
+    assert main(["import-official", str(official), "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert "<a1>: 7 layer-wise" in capsys.readouterr().out
