@@ -115,7 +115,7 @@ def main() -> None:
     print(f"\nED-LoRA training step, {args.model} random weights, {args.resolution}x{args.resolution}, batch "
           f"{args.batch_size}, precision {args.precision}, attention regularisation on, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, {device}, torch {torch.__version__}")
-    print(f"| variant | s/step | steps/s | peak GPU GiB | speed vs reference |")
+    print("| variant | s/step | steps/s | peak GPU GiB | speed vs reference |")
     print("|---|---|---|---|---|")
     for name, result in rows:
         s = result["s_per_step"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from test_train import make_concept_folder
 
 from mixofshow.cli import main
 from mixofshow.testing import save_tiny_base
-from test_train import make_concept_folder
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
-import pytest
 
 from mixofshow import MixOfShowError, MixOfShowPipeline, load_concept
 from mixofshow.config import load_train_config
@@ -32,9 +32,9 @@ def config(tmp_path, **fields):
     data, masks = (tmp_path / "data", tmp_path / "masks")
     if not data.exists():
         make_concept_folder(tmp_path)
-    values = dict(base="unused", data=str(data), masks=str(masks), out=str(tmp_path / "concept.safetensors"),
-                  words=["<hina1>", "<hina2>"], init=["<rand-0.013>", "girl"], steps=4, resolution=32,
-                  validation_steps=0)
+    values = {"base": "unused", "data": str(data), "masks": str(masks), "out": str(tmp_path / "concept.safetensors"),
+                  "words": ["<hina1>", "<hina2>"], "init": ["<rand-0.013>", "girl"], "steps": 4, "resolution": 32,
+                  "validation_steps": 0}
     values.update(fields)
     return load_train_config(None, **values)
 
