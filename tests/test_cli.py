@@ -57,11 +57,13 @@ def test_sample_several_images_and_scheduler(base, tmp_path):
         (["sample", "--base", "BASE", "--prompt", "x", "--height", "33"], "height"),
         (["sample", "--base", "BASE", "--prompt", "x", "--scheduler", "magic"], "unknown scheduler"),
         (["sample", "--base", "/nowhere/model", "--prompt", "x"], "does not exist"),
+        (["sample", "--base", "someone/not-a-model", "--prompt", "x"], "Hugging Face Hub"),
         (["inspect", "missing.safetensors"], "does not exist"),
         (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors"], "does not exist"),
     ],
 )
-def test_errors_are_one_clear_line(base, args, message, capsys):
+def test_errors_are_one_clear_line(base, args, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = [str(base) if a == "BASE" else a for a in args]
     assert main(["--quiet", *args]) == 2
     err = capsys.readouterr().err
