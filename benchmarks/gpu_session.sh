@@ -5,10 +5,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-pip install --quiet --no-deps wheels/diffusers-*.whl 2>&1 | tail -2
+python -m pip install --quiet --no-deps wheels/diffusers-*.whl 2>&1 | grep -v WARNING
 python -c "import torch, transformers, peft, accelerate, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-timeout 300 python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 --precision fp16 \
-  --steps 20 --warmup 5 2>&1 | tee "$OUT/train_step_fp16.txt"
-timeout 150 python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 --precision bf16 \
-  --steps 20 --warmup 5 --variants ours 2>&1 | tee "$OUT/train_step_bf16.txt"
+timeout "${TRAIN_TIMEOUT:-360}" python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 \
+  --precision "${PRECISION:-fp16}" --steps 20 --warmup 5 --variants "${VARIANTS:-reference,ours,ours+compile}" 2>&1 \
+  | grep -v "kept in float32" | tee "$OUT/train_step.txt"

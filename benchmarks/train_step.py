@@ -56,13 +56,13 @@ def write_dataset(root: Path, resolution: int, count: int = 4) -> tuple[Path, Pa
     return data, masks
 
 
-def measure(trainer_class, args, data: Path, masks: Path, out: Path) -> dict:
+def measure(trainer_class, args, data: Path, masks: Path, out: Path, compiled: bool = False) -> dict:
     components = sd15_components() if args.model == "sd15" else tiny_components()
     config = load_train_config(
         None, base="random", data=str(data), masks=str(masks), out=str(out), words=["<v1>", "<v2>"],
         init=["<rand-0.013>", "man"], resolution=args.resolution, batch_size=args.batch_size,
         mixed_precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, steps=10**6,
-        validation_steps=0,
+        validation_steps=0, compile=compiled,
     )
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="reference,ours")
+    parser.add_argument("--variants", default="reference,ours", help="any of reference, ours, ours+compile")
     args = parser.parse_args()
 
     rows = []
@@ -105,7 +105,8 @@ def main() -> None:
         data, masks = write_dataset(Path(tmp), args.resolution)
         for name in args.variants.split(","):
             trainer_class = ReferenceTrainer if name == "reference" else EDLoRATrainer
-            result = measure(trainer_class, args, data, masks, Path(tmp) / f"{name}.safetensors")
+            result = measure(trainer_class, args, data, masks, Path(tmp) / f"{name}.safetensors",
+                             compiled=name.endswith("+compile"))
             rows.append((name, result))
             print(f"  measured {name}: {result['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
     host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -248,6 +248,8 @@ class EDLoRATrainer:
         self.lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.steps)
         self.unet, self.text_encoder, self.optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        if config.compile:
+            self.unet = torch.compile(self.unet)  # one graph: processors and recorder compile without breaks
         self.vae, self.tokenizer = vae, tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
 
