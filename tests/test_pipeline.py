@@ -154,7 +154,7 @@ def test_unknown_word_is_refused_before_denoising(concept_path):
     assert calls
 
 
-@pytest.mark.parametrize("height", [18, -16])
+@pytest.mark.parametrize("height", [18, -16, 0])
 def test_bad_size_is_refused(height):
     # Tiny model: VAE factor 2, one UNet downsampling, so sizes go in steps of 4.
     with pytest.raises(MixOfShowError, match=f"height must be a positive multiple of 4 for this model, got {height}"):

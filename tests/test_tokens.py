@@ -186,6 +186,14 @@ def test_bind_replaces_every_occurrence(model):
     vocabulary = ConceptVocabulary(NUM_LAYERS)
     vocabulary.add(tokenizer, text_encoder, "<hina1>", random_rows(NUM_LAYERS))
     assert vocabulary.bind("a <hina1> and <hina1>'s dog") == "a <hina1_0> and <hina1_0>'s dog"
+    assert vocabulary.bind("two <hina1>s") == "two <hina1_0>s"  # angle-bracket words delimit themselves
+
+
+def test_plain_words_bind_only_as_whole_words(model):
+    tokenizer, text_encoder = model
+    vocabulary = ConceptVocabulary(NUM_LAYERS)
+    vocabulary.add(tokenizer, text_encoder, "zqx", random_rows(NUM_LAYERS))
+    assert vocabulary.bind("a zqx dog, zqxs, azqx") == "a <zqx_0> dog, zqxs, azqx"
 
 
 def test_single_row_word_has_the_same_id_in_every_layer(model):

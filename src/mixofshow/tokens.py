@@ -29,8 +29,11 @@ def layer_token_name(word: str, layer: int) -> str:
 
 
 def word_pattern(word: str) -> re.Pattern:
-    """Matches `word` as a whole word in a prompt (not inside a longer word)."""
-    return re.compile(rf"(?<![\w<]){re.escape(word)}(?![\w>])")
+    """Matches `word` in a prompt: `<hina1>` anywhere (it delimits itself, as in `<hina1>'s`), a plain word
+    like `sks` only as a whole word."""
+    before = r"(?<![\w<])" if re.match(r"\w", word) else ""
+    after = r"(?![\w>])" if re.search(r"\w$", word) else ""
+    return re.compile(before + re.escape(word) + after)
 
 
 def initial_embedding(init: str, tokenizer, embedding_table: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -222,8 +222,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         negatives = negatives if len(negatives) == len(prompts) else [n for n in negatives for _ in
                                                                        range(num_images_per_prompt)]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
         self.check_sampling_inputs(prompts, negatives, height, width, num_inference_steps, guidance_scale)
         device = self._execution_device
 
