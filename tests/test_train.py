@@ -199,3 +199,14 @@ def test_unknown_config_field_is_named(tmp_path):
     path.write_text("base: b\ndata: d\nout: o.safetensors\nsteps: many\n")
     with pytest.raises(MixOfShowError, match="'steps'"):
         load_train_config(path)
+
+
+def test_compiled_unet_gives_the_same_step(tmp_path):
+    losses = []
+    for compiled in (False, True):
+        trainer = EDLoRATrainer(config(tmp_path, compile=compiled), components=tiny_components())
+        loss, _ = trainer.loss(*trainer.batch(0, 0))
+        loss.backward()
+        losses.append((loss.detach(), trainer.embedding.rows.grad.clone()))
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-3, atol=1e-6)
