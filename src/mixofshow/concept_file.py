@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .attention import cross_attention_layers
 from .errors import MixOfShowError
@@ -133,15 +133,13 @@ def save_concept(concept: ConceptFile, path: str | Path) -> Path:
     return path
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file; a clear error if it is not one."""
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}  # noqa: SIM118 -- a safe_open handle, not a dict
     except (SafetensorError, OSError, ValueError) as error:
         raise MixOfShowError(f"{path} is not a readable safetensors file ({error})") from None
-    return tensors, header.get("__metadata__", {})
 
 
 def load_concept(path: str | Path) -> ConceptFile:
@@ -158,7 +156,7 @@ def load_concept(path: str | Path) -> ConceptFile:
         raise MixOfShowError(f"concept file {path} does not exist")
     if path.suffix in (".pth", ".pt", ".bin"):
         return import_official(path)
-    tensors, metadata = _read_safetensors(path)
+    tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         raise MixOfShowError(
             f"{path} is a safetensors file but not a mixofshow concept file (no '{METADATA_KEY}' metadata): "

@@ -19,11 +19,11 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .attention import LAYERWISE_KEY, RECORDER_KEY, AttentionMapRecorder, install_processors
-from .concept_file import ConceptFile, fingerprint, save_concept, write_atomically
+from .concept_file import ConceptFile, fingerprint, read_safetensors, save_concept, write_atomically
 from .config import TrainConfig
 from .data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
 from .errors import MixOfShowError
@@ -139,13 +139,11 @@ def _save_checkpoint(path: Path, step: int, rows: torch.Tensor, lora: list[torch
 
 
 def _load_checkpoint(path: Path, rows: torch.Tensor, lora: list[torch.Tensor], optimizer, lr_scheduler) -> int:
+    tensors, metadata = read_safetensors(path)
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        meta = json.loads(header["__metadata__"]["mixofshow.checkpoint"])
-    except Exception as error:  # noqa: BLE001 -- any unreadable file is the user's to replace
-        raise MixOfShowError(f"checkpoint {path} could not be read ({error})") from None
+        meta = json.loads(metadata["mixofshow.checkpoint"])
+    except (KeyError, ValueError):
+        raise MixOfShowError(f"{path} is not a mixofshow training checkpoint") from None
     if tensors["rows"].shape != rows.shape or len([k for k in tensors if k.startswith("lora.")]) != len(lora):
         raise MixOfShowError(f"checkpoint {path} belongs to another concept or model: shapes differ")
     with torch.no_grad():
