@@ -18,8 +18,8 @@ tokens under their Hugging Face names ``<|startoftext|>`` (49406) and
 ``<|endoftext|>`` (49407): 49408 ids in all. The output folder gets
 ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (model_max_length 77
 and the special tokens; without it ``from_pretrained`` leaves model_max_length
-unset) and a ``LICENSE`` with the MIT notices of OpenAI CLIP and open_clip. The script writes deterministic bytes, so rerunning it on the
-same input changes nothing.
+unset) and a ``LICENSE`` with the MIT notices of OpenAI CLIP and open_clip. The script writes deterministic
+bytes, so rerunning it on the same input changes nothing.
 """
 
 from __future__ import annotations

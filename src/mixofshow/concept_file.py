@@ -1,4 +1,4 @@
-"""The concept file: one safetensors file of layer-wise embeddings and LoRA with JSON metadata; official .pth import."""
+"""The concept file: one safetensors file of layer-wise embeddings, LoRA and JSON metadata; official .pth import."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A 
 
 def lora_config(targets: tuple[str, ...] | str, rank: int, alpha: float) -> LoraConfig:
     """A PEFT config; `alpha` follows PEFT (scaling = alpha / rank), so the official "alpha 1" is alpha = rank."""
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets) if isinstance(targets, tuple) else targets,
-                      init_lora_weights=True)
+    target_modules = list(targets) if isinstance(targets, tuple) else targets
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
 
 
 def add_lora(model: torch.nn.Module, targets: tuple[str, ...] | str, rank: int, alpha: float, name: str) -> None:
