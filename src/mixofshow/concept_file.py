@@ -137,7 +137,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     """All tensors and the string metadata of a safetensors file; a clear error if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())  # noqa: SIM118 -- a safe_open handle, not a dict
+            keys = list(f.keys())
             return {key: f.get_tensor(key) for key in keys}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         raise MixOfShowError(f"{path} is not a readable safetensors file ({error})") from None
