@@ -1,0 +1,1 @@
+"""Center-node fusion of concept files: solvers, statistics, orchestration."""
