@@ -71,6 +71,8 @@ class TrainConfig:
 def _check_value(name: str, hint, value, source: str):
     """Coerce `value` to the annotated type or raise naming the field."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(hint, value, f"{source}: field '{name}'")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -126,8 +128,8 @@ def config_from_dict(cls, data: dict, source: str = "config"):
     return cls(**values)
 
 
-def read_document(path: str | Path) -> dict:
-    """Read a YAML or JSON file into a dict, with a clear error for a missing or malformed file."""
+def read_document(path: str | Path, allow_list: bool = False) -> dict | list:
+    """Read a YAML or JSON file into a dict (or a list), with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise MixOfShowError(f"config file {path} does not exist")
@@ -138,7 +140,7 @@ def read_document(path: str | Path) -> dict:
         raise MixOfShowError(f"config file {path} could not be parsed: {error}") from None
     if data is None:
         data = {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
         raise MixOfShowError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
     return data
 
@@ -174,3 +176,106 @@ def validate_train_config(config: TrainConfig) -> None:
         raise MixOfShowError(f"field 'flip_p' must be within [0, 1], got {config.flip_p}")
     if not str(config.out).endswith(".safetensors"):
         raise MixOfShowError(f"field 'out' must name a .safetensors file, got {config.out!r}")
+
+
+FUSION_METHODS = ("weight", "gradient", "zip", "lbfgs")
+
+
+@dataclass(frozen=True)
+class FusionConcept:
+    """One input of a fusion: a concept file and how it enters the fused model."""
+
+    path: str = _help("concept file: ours (.safetensors) or an official Mix-of-Show ED-LoRA (.pth)")
+    unet_scale: float = _help("scale of the concept's UNet LoRA (official: unet_alpha)", default=1.0)
+    text_encoder_scale: float = _help("scale of its text-encoder LoRA (official: text_encoder_alpha)", default=1.0)
+    weight: float | None = _help("weight in `weight` fusion (default 1/n)", default=None)
+    prompts: tuple[str, ...] = _help("prompts for its statistics instead of the templates (e.g. a trigger word "
+                                     "for a LoRA without embeddings)", default=())
+    stats: str | None = _help("statistics file from `mixofshow stats` (the center then skips its run)",
+                              default=None)
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """Center-node fusion of any number of concept files into one model."""
+
+    base: str = _help("base model: diffusers folder, single checkpoint file, or Hub id")
+    out: str = _help("output folder (a diffusers pipeline plus concepts.json and fusion_report.json)")
+    concepts: tuple[FusionConcept, ...] = _help("the concepts to fuse")
+    method: str = _help("weight, gradient (closed form), zip (orthogonal column mergers) or lbfgs (reference)",
+                        default="gradient")
+    text_templates: tuple[str, ...] = _help("prompts for text-side statistics, {} = the concept words",
+                                            default=("photo of a {}", "{}"))
+    sampling_templates: tuple[str, ...] = _help("prompts of the sampling run for UNet statistics",
+                                                default=("photo of a {}",))
+    negative_prompt: str = _help("the negative prompt the sampler encodes (recorded too)", default="")
+    sampling_steps: int = _help("steps of each concept's sampling run", default=20)
+    sampling_guidance: float = _help("guidance of the sampling run", default=7.5)
+    sampling_size: int | None = _help("image size of the sampling run (default: the model's)", default=None)
+    sampling_seed: int = _help("seed of the sampling run", default=0)
+    prior_prompts: tuple[str, ...] = _help("generic prompts whose base-model behaviour fusion should keep",
+                                           default=())
+    prior_weight: float = _help("weight of that prior (0 = off, as in the paper)", default=0.0)
+    rcond: float = _help("relative eigenvalue cutoff of the pseudo-inverse", default=1e-10)
+    zip_steps: int = _help("optimisation steps of `zip`", default=100)
+    zip_lr: float = _help("learning rate of `zip`", default=0.01)
+    zip_similarity_weight: float = _help("weight of the column-similarity penalty of `zip`", default=0.01)
+    lbfgs_text_iterations: int = _help("L-BFGS iterations for text encoder and cross-attention K/V", default=500)
+    lbfgs_unet_iterations: int = _help("L-BFGS iterations for the other UNet layers", default=50)
+    overwrite: bool = _help("replace an existing output folder", default=False)
+
+
+def official_fusion_list(entries: list, source: str) -> list[dict]:
+    """The official fusion JSON (`[{lora_path, unet_alpha, text_encoder_alpha, concept_name}]`) as our entries."""
+    concepts = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "lora_path" not in entry:
+            raise MixOfShowError(f"{source}: entry {index} of the official fusion list has no 'lora_path'")
+        concepts.append({"path": entry["lora_path"], "unet_scale": entry.get("unet_alpha", 1.0),
+                         "text_encoder_scale": entry.get("text_encoder_alpha", 1.0)})
+    return concepts
+
+
+def load_fuse_config(path: str | Path | None = None, concepts: list | None = None, **overrides) -> FuseConfig:
+    """A `FuseConfig` from a YAML/JSON file and/or overrides; `concepts` may be paths, dicts, or the official list.
+
+    Args:
+        path: a YAML/JSON file: our fields, or the official fusion list of concepts.
+        concepts: concept paths or entries (added after those of the file).
+        overrides: other fields (e.g. CLI flags); None values are ignored.
+
+    Returns:
+        The validated config.
+    """
+    source = str(path) if path else "fuse options"
+    data: dict = {}
+    if path:
+        document = read_document(path, allow_list=True)
+        data = {"concepts": official_fusion_list(document, source)} if isinstance(document, list) else document
+    entries = list(data.get("concepts", ())) + list(concepts or ())
+    data["concepts"] = [{"path": e} if isinstance(e, (str, Path)) else e for e in entries]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    config = config_from_dict(FuseConfig, data, source)
+    validate_fuse_config(config)
+    return config
+
+
+def validate_fuse_config(config: FuseConfig) -> None:
+    """Raise for values that type-check but make no sense."""
+    if not config.concepts:
+        raise MixOfShowError("no concepts to fuse: give at least one concept file")
+    if config.method not in FUSION_METHODS:
+        raise MixOfShowError(f"field 'method' must be one of {', '.join(FUSION_METHODS)}, got {config.method!r}")
+    for template in config.text_templates + config.sampling_templates:
+        if "{}" not in template:
+            raise MixOfShowError(f"template {template!r} has no {{}} for the concept words")
+    for index, concept in enumerate(config.concepts):
+        if concept.weight is not None and concept.weight < 0:
+            raise MixOfShowError(f"concept {index} ({concept.path}): weight must not be negative")
+    for name in ("sampling_steps", "zip_steps"):
+        if getattr(config, name) < 1:
+            raise MixOfShowError(f"field '{name}' must be at least 1, got {getattr(config, name)}")
+    if config.prior_weight < 0 or config.rcond < 0:
+        raise MixOfShowError("fields 'prior_weight' and 'rcond' must not be negative")
+    if config.prior_weight > 0 and not config.prior_prompts:
+        raise MixOfShowError("field 'prior_weight' is set but 'prior_prompts' is empty: give generic prompts")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -14,6 +16,26 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TARGET_PATTERN = r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
+
+
+def target_paths(model: torch.nn.Module, part: str) -> list[str]:
+    """Paths of the linear layers that LoRA targets by default in `part` ("text_encoder" or "unet")."""
+    wrapped = set(lora_layers(model))
+    paths = []
+    for path, module in model.named_modules():
+        inside_wrapper = path.rpartition(".")[0] in wrapped or ".lora_" in path
+        if path in wrapped or (isinstance(module, torch.nn.Linear) and not inside_wrapper):
+            name = path.rsplit(".", 1)[-1]
+            if (part == "unet" and re.fullmatch(UNET_TARGET_PATTERN, path)) or (
+                    part == "text_encoder" and name in TEXT_ENCODER_TARGETS):
+                paths.append(path)
+    return paths
+
+
+def base_weight(model: torch.nn.Module, path: str) -> torch.Tensor:
+    """The weight (out, in) of the linear layer at `path`, under its LoRA wrapper if it has one."""
+    module = model.get_submodule(path)
+    return (module.get_base_layer() if isinstance(module, LoraLayer) else module).weight
 
 
 def lora_config(targets: tuple[str, ...] | str, rank: int, alpha: float) -> LoraConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -112,3 +114,52 @@ def save_tiny_base(path, seed: int = 0):
                                    requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
+
+
+def random_concept(components: dict, words: tuple[str, ...], seed: int = 0, rank: int = 4, lora_std: float = 0.05,
+                   embedding_std: float = 0.3, unet_layers: str = r".*", text_encoder_lora_std: float | None = None):
+    """A random ED-LoRA concept for `components`: layer-wise embeddings and nonzero LoRA on every default target.
+
+    Args:
+        components: the base components it is made for (its fingerprint is recorded).
+        words: the concept words.
+        seed: seeds the random values.
+        rank: LoRA rank.
+        lora_std: standard deviation of the LoRA A and B entries.
+        embedding_std: standard deviation of the embedding entries.
+        unet_layers: regex; only UNet layers whose path matches get LoRA (e.g. r".*attn2\.to_[kv]").
+        text_encoder_lora_std: the text encoder's LoRA entries' standard deviation (default: `lora_std`); ED-LoRA
+            trains it with a 10x smaller learning rate than the UNet's.
+
+    Returns:
+        A `ConceptFile`.
+    """
+    from .attention import cross_attention_layers
+    from .concept_file import ConceptFile, fingerprint
+    from .lora import base_weight, target_paths
+
+    generator = torch.Generator().manual_seed(seed)
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    layers, hidden = len(cross_attention_layers(unet)), text_encoder.config.hidden_size
+
+    def lora(model, part):
+        std = text_encoder_lora_std if part == "text_encoder" and text_encoder_lora_std is not None else lora_std
+        weights = {}
+        for path in target_paths(model, part):
+            if part == "unet" and not re.fullmatch(unet_layers, path):
+                continue
+            out_features, in_features = base_weight(model, path).shape
+            weights[path] = (torch.randn(rank, in_features, generator=generator) * std,
+                             torch.randn(out_features, rank, generator=generator) * std)
+        return weights
+
+    return ConceptFile(
+        words=tuple(words),
+        embeddings={w: torch.randn(layers, hidden, generator=generator) * embedding_std for w in words},
+        text_encoder_lora=lora(text_encoder, "text_encoder"),
+        unet_lora=lora(unet, "unet"),
+        rank=rank,
+        alpha=float(rank),
+        base=fingerprint(components["tokenizer"], text_encoder, unet),
+        initializers=("<rand-0.013>",) * len(words),
+    )

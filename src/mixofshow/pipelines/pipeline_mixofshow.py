@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..models import load_base_components
 from ..tokens import ConceptVocabulary, encode_layerwise
 
 logger = logging.getLogger(__name__)
+
+CONCEPTS_FILE = "concepts.json"  # in a model folder: {"tokens": {word: [layer-wise token names]}, ...}
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -73,8 +76,17 @@ class MixOfShowPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_base(cls, base: str | Path, dtype: torch.dtype = torch.float32) -> MixOfShowPipeline:
-        """A pipeline from a base model: diffusers folder, single checkpoint file or Hub id."""
-        return cls(**load_base_components(base, dtype))
+        """A pipeline from a base model: diffusers folder (a fused model's concepts included), single
+        checkpoint file or Hub id."""
+        pipe = cls(**load_base_components(base, dtype))
+        concepts_file = Path(base) / CONCEPTS_FILE
+        if concepts_file.is_file():
+            try:
+                tokens = json.loads(concepts_file.read_text())["tokens"]
+            except (ValueError, KeyError, OSError) as error:
+                raise MixOfShowError(f"{concepts_file} is not a valid concepts file ({error})") from None
+            pipe.concepts = ConceptVocabulary.from_json(tokens, pipe.tokenizer, pipe.num_layers)
+        return pipe
 
     # -- concepts -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,427 @@
+"""Center-node fusion: concept files (+ optional client statistics) -> one fused model folder.
+
+Order (Mix-of-Show): text-encoder layers first, then the cross-attention K/V layers from the *fused* text
+encoder's encodings, then every other UNet layer from each concept's own sampling run. Statistics are Gram
+matrices streamed into one accumulator per layer, so memory does not grow with the number of concepts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from ..concept_file import ConceptFile, fingerprint, load_concept
+from ..config import FuseConfig, FusionConcept
+from ..errors import MixOfShowError
+from ..lora import activate, align_module_paths, base_weight, lora_delta, set_lora_scale, target_paths
+from ..models import load_base_components
+from ..pipelines import MixOfShowPipeline
+from ..pipelines.pipeline_mixofshow import CONCEPTS_FILE
+from ..tokens import check_new_words
+from .solve import GramAccumulator, gradient_fusion, lbfgs_fusion, weight_fusion, zip_fusion
+from .stats import ConceptStatistics, cross_attention_grams, record_input_grams
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "fusion_report.json"
+KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+@dataclass
+class FusionInput:
+    """One concept ready for fusion: its file (words renamed if they collided) and its PEFT adapter name."""
+
+    spec: FusionConcept
+    concept: ConceptFile
+    adapter: str
+    sha256: str
+    renamed: dict[str, str]
+    statistics: ConceptStatistics | None = None
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.concept.words)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _renamed(word: str, taken: set[str], tokenizer, num_layers: int) -> str:
+    """`word`, or `<word~2>`, `<word~3>`, … when it is already taken or known to the tokenizer."""
+    candidate, n = word, 1
+    while True:
+        try:
+            if candidate in taken:
+                raise MixOfShowError("taken")
+            check_new_words(tokenizer, (candidate,), num_layers)
+            return candidate
+        except MixOfShowError:
+            n += 1
+            candidate = f"<{word.strip('<>')}~{n}>"
+
+
+def prepare_inputs(config: FuseConfig, tokenizer, num_layers: int, model_fingerprint) -> list[FusionInput]:
+    """Load and check every concept (and statistics) file before any model work; rename colliding words."""
+    missing = [c.path for c in config.concepts if not Path(c.path).is_file()]
+    missing += [c.stats for c in config.concepts if c.stats and not Path(c.stats).is_file()]
+    if missing:
+        raise MixOfShowError(f"file(s) not found: {', '.join(missing)}")
+    inputs, taken = [], set()
+    for index, spec in enumerate(config.concepts):
+        concept = load_concept(spec.path)
+        concept.base.check(model_fingerprint, spec.path)
+        if concept.base.weights_sha256 and concept.base.weights_sha256 != model_fingerprint.weights_sha256:
+            raise MixOfShowError(
+                f"{spec.path} was trained on a base model with other weights than {config.base}: fusing it would "
+                "mix models. Fuse onto the base it was trained on"
+            )
+        if not concept.words and not spec.prompts:
+            raise MixOfShowError(f"{spec.path} has no concept words: give its trigger prompts in 'prompts'")
+        renamed = {}
+        for word in concept.words:
+            new = _renamed(word, taken, tokenizer, num_layers)
+            taken.add(new)
+            if new != word:
+                renamed[word] = new
+                logger.warning("concept word %s of %s collides with an earlier one: renamed to %s", word, spec.path,
+                               new)
+        if renamed:
+            concept = dataclasses.replace(
+                concept,
+                words=tuple(renamed.get(w, w) for w in concept.words),
+                embeddings={renamed.get(w, w): e for w, e in concept.embeddings.items()},
+            )
+        item = FusionInput(spec, concept, f"c{index}", file_sha256(spec.path), renamed)
+        if spec.stats:
+            item.statistics = ConceptStatistics.load(spec.stats)
+            recorded_for = item.statistics.metadata.get("concept_sha256")
+            if recorded_for != item.sha256:
+                raise MixOfShowError(f"statistics {spec.stats} were computed for another concept file than "
+                                     f"{spec.path}: recompute them with `mixofshow stats`")
+            for key in ("unet_scale", "text_encoder_scale"):
+                if item.statistics.metadata.get(key) != getattr(spec, key):
+                    raise MixOfShowError(f"statistics {spec.stats} were computed with {key} "
+                                         f"{item.statistics.metadata.get(key)}, the fusion uses {getattr(spec, key)}")
+        inputs.append(item)
+    return inputs
+
+
+def concept_prompts(item: FusionInput, templates: tuple[str, ...]) -> list[str]:
+    """The concept's prompts: its own `prompts`, or the templates filled with its words."""
+    return list(item.spec.prompts) or [t.format(item.text) for t in templates]
+
+
+def use_adapter(pipe: MixOfShowPipeline, item: FusionInput | None) -> None:
+    """Make the working pipeline one concept's own model (base + its LoRA at its scales), or the base (None)."""
+    for model, scale in ((pipe.text_encoder, item and item.spec.text_encoder_scale),
+                         (pipe.unet, item and item.spec.unet_scale)):
+        activate(model, [item.adapter] if item else [])
+        if item:
+            set_lora_scale(model, item.adapter, scale)
+
+
+def record_statistics(pipe: MixOfShowPipeline, item: FusionInput | None, config: FuseConfig, text_prompts: list[str],
+                      sampling_prompts: list[str], text_paths: list[str], unet_paths: list[str]) -> ConceptStatistics:
+    """A concept's Grams from its own model: text-encoder layers on the encoded prompts (padding and the negative
+    prompt included, as the sampler encodes them), UNet layers (no K/V) over a full sampling run."""
+    use_adapter(pipe, item)
+    stats = ConceptStatistics()
+    with torch.no_grad(), record_input_grams(pipe.text_encoder, text_paths, stats.grams["text_encoder"]):
+        pipe.encode_layerwise_prompt(text_prompts, [config.negative_prompt] * len(text_prompts))
+    size = config.sampling_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"]):
+        for prompt in sampling_prompts:
+            pipe(prompt, negative_prompt=config.negative_prompt, height=size, width=size,
+                 num_inference_steps=config.sampling_steps, guidance_scale=config.sampling_guidance,
+                 seed=config.sampling_seed, output_type="latent", progress=False)
+    return stats
+
+
+def concept_deltas(pipe: MixOfShowPipeline, item: FusionInput) -> dict[str, dict[str, torch.Tensor]]:
+    """`{part: {path: dW}}` of a concept at its scales (float32, on the model's device)."""
+    concept = item.concept
+    deltas = {}
+    for part, model, weights, scale in (
+            ("text_encoder", pipe.text_encoder, concept.text_encoder_lora, item.spec.text_encoder_scale),
+            ("unet", pipe.unet, concept.unet_lora, item.spec.unet_scale)):
+        aligned = align_module_paths(model, weights)
+        deltas[part] = {p: lora_delta(a, b, concept.rank, concept.alpha, scale).to(pipe.device)
+                        for p, (a, b) in aligned.items()}
+    return deltas
+
+
+class LayerProblems:
+    """The per-layer least-squares problems of one stage: a streamed accumulator per layer, plus (for the
+    iterative methods only) every concept's own delta and Gram."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], keep_lists: bool):
+        self.base = weights
+        self.accumulators = {p: GramAccumulator.zeros(*w.shape, device=w.device) for p, w in weights.items()}
+        self.lists: dict[str, tuple[list, list]] | None = {p: ([], []) for p in weights} if keep_lists else None
+
+    def add(self, deltas: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], gram_weight: float = 1.0):
+        for path, accumulator in self.accumulators.items():
+            if path not in grams:
+                raise MixOfShowError(f"no statistics recorded for layer {path}")
+            delta = deltas.get(path, torch.zeros_like(self.base[path], dtype=torch.float32))
+            gram = grams[path].to(accumulator.gram.device) * gram_weight
+            accumulator.add(delta, gram)
+            if self.lists is not None:
+                self.lists[path][0].append(delta)
+                self.lists[path][1].append(gram)
+
+    def solve(self, method: str, config: FuseConfig, iterations: int) -> dict[str, torch.Tensor]:
+        fused = {}
+        for path, w0 in tqdm(self.base.items(), desc=f"solve ({method})", leave=False, disable=len(self.base) < 8):
+            if method == "gradient":
+                fused[path] = gradient_fusion(w0, self.accumulators[path], rcond=config.rcond)
+            elif method == "zip":
+                fused[path] = zip_fusion(w0, *self.lists[path], steps=config.zip_steps, lr=config.zip_lr,
+                                         similarity_weight=config.zip_similarity_weight)
+            else:
+                fused[path] = lbfgs_fusion(w0, *self.lists[path], iterations=iterations)
+        return fused
+
+    def report(self, fused: dict[str, torch.Tensor], weight_fused: dict[str, torch.Tensor]) -> dict:
+        rows = {}
+        for path, accumulator in self.accumulators.items():
+            w0 = self.base[path].double()
+            rows[path] = {
+                "objective_base": accumulator.objective(torch.zeros_like(w0)),
+                "objective_weight_fusion": accumulator.objective(weight_fused[path].double() - w0),
+                "objective_fused": accumulator.objective(fused[path].double() - w0),
+            }
+        return rows
+
+
+def _weights_of(model, paths) -> dict[str, torch.Tensor]:
+    return {p: base_weight(model, p).detach().clone() for p in paths}
+
+
+def fuse(config: FuseConfig, components: dict | None = None, progress: bool = True) -> Path:
+    """Fuse the configured concepts into one model folder.
+
+    Args:
+        config: the fusion config (`load_fuse_config`).
+        components: already-loaded base components instead of loading `config.base` (left unchanged).
+        progress: show progress bars.
+
+    Returns:
+        The output folder: a diffusers pipeline (`StableDiffusionPipeline.from_pretrained`-loadable) plus
+        `concepts.json` and `fusion_report.json`.
+    """
+    started = time.perf_counter()
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise MixOfShowError(f"output folder {out} exists and is not empty: choose another or set overwrite")
+
+    # 1. The base model, and every input checked before any work
+    components = copy.deepcopy(components) if components else load_base_components(config.base)
+    clean = copy.deepcopy(components)  # the model the fused weights are written into; `components` gets adapters
+    pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    inputs = prepare_inputs(config, pipe.tokenizer, pipe.num_layers, fingerprint(pipe.tokenizer, pipe.text_encoder,
+                                                                                  pipe.unet))
+    # 2. Every concept as a PEFT adapter of one working pipeline (activated one at a time)
+    for item in inputs:
+        pipe.load_concept(item.concept, scale=1.0, name=item.adapter, source=item.spec.path)
+    use_adapter(pipe, None)
+    deltas = [concept_deltas(pipe, item) for item in inputs]
+    text_layers = sorted({p for d in deltas for p in d["text_encoder"]})
+    unet_layers = sorted({p for d in deltas for p in d["unet"]})
+    kv_layers = [p for p in unet_layers if p.endswith(KV_SUFFIXES)]
+    spatial_layers = [p for p in unet_layers if p not in kv_layers]
+    weights = [item.spec.weight if item.spec.weight is not None else 1.0 / len(inputs) for item in inputs]
+
+    text_base = _weights_of(pipe.text_encoder, text_layers)
+    unet_base = _weights_of(pipe.unet, unet_layers)
+    weight_fused = {
+        part: {p: weight_fusion(w0, [d[part].get(p, torch.zeros_like(w0)) for d in deltas], weights)
+               for p, w0 in base.items()}
+        for part, base in (("text_encoder", text_base), ("unet", unet_base))
+    }
+    report: dict = {"method": config.method, "layers": {}}
+    if config.method == "weight":
+        fused_text, fused_unet = weight_fused["text_encoder"], weight_fused["unet"]
+    else:
+        fused_text, fused_unet = _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers,
+                                        spatial_layers, weight_fused, report, progress)
+
+    # 3. Write the fused weights and the concept tokens into the clean model, then save atomically
+    for model, fused in ((clean["text_encoder"], fused_text), (clean["unet"], fused_unet)):
+        with torch.no_grad():
+            for path, weight in fused.items():
+                target = base_weight(model, path)
+                target.copy_(weight.to(target.device, target.dtype))
+    fused_pipe = MixOfShowPipeline(**{k: clean[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
+    for item in inputs:
+        for word in item.concept.words:
+            fused_pipe.concepts.add(fused_pipe.tokenizer, fused_pipe.text_encoder, word, item.concept.embeddings[word])
+    report.update({
+        "inputs": [{"path": i.spec.path, "sha256": i.sha256, "words": list(i.concept.words), "renamed": i.renamed,
+                    "unet_scale": i.spec.unet_scale, "text_encoder_scale": i.spec.text_encoder_scale,
+                    "weight": w, "statistics": i.spec.stats} for i, w in zip(inputs, weights)],
+        "config": dataclasses.asdict(config),
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+    concepts_json = {"format": "mixofshow.concepts", "version": 1,
+                     "tokens": fused_pipe.concepts.to_json(fused_pipe.tokenizer),
+                     "concepts": [{"source": i.spec.path, "words": list(i.concept.words), "renamed": i.renamed}
+                                  for i in inputs]}
+    save_model_folder(fused_pipe, out, {CONCEPTS_FILE: concepts_json, REPORT_FILE: report}, config.overwrite)
+    logger.info("fused %d concept(s) with %s fusion into %s in %.1f s", len(inputs), config.method, out,
+                report["seconds"])
+    return out
+
+
+def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatial_layers, weight_fused, report,
+           progress):
+    """Statistics and solves for gradient / zip / lbfgs: text encoder, then K/V, then the other UNet layers."""
+    keep_lists = config.method in ("zip", "lbfgs")
+    text_problems = LayerProblems(text_base, keep_lists)
+    spatial_problems = LayerProblems({p: unet_base[p] for p in spatial_layers}, keep_lists)
+    text_paths = sorted(set(target_paths(pipe.text_encoder, "text_encoder")) | set(text_base))
+    unet_paths = [p for p in sorted(set(target_paths(pipe.unet, "unet")) | set(spatial_layers))
+                  if not p.endswith(KV_SUFFIXES)]
+
+    # Text encoder and spatial layers: each concept's own model (or the client's statistics file)
+    runs = [(item, d) for item, d in zip(inputs, deltas)]
+    for item, delta in tqdm(runs, desc="concept statistics", disable=not progress):
+        stats = item.statistics or record_statistics(
+            pipe, item, config, concept_prompts(item, config.text_templates),
+            concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
+        text_problems.add(delta["text_encoder"], stats.grams["text_encoder"])
+        spatial_problems.add(delta["unet"], stats.grams["unet"])
+    if config.prior_weight > 0:
+        prior = record_statistics(pipe, None, config, list(config.prior_prompts), list(config.prior_prompts),
+                                  text_paths, unet_paths)
+        text_problems.add({}, prior.grams["text_encoder"], config.prior_weight)
+        spatial_problems.add({}, prior.grams["unet"], config.prior_weight)
+    fused_text = text_problems.solve(config.method, config, config.lbfgs_text_iterations)
+
+    # Cross-attention K/V: inputs are the fused text encoder's encodings of each concept's prompts
+    use_adapter(pipe, None)
+    with torch.no_grad():
+        for path, weight in fused_text.items():
+            base_weight(pipe.text_encoder, path).copy_(weight)
+    kv_problems = LayerProblems({p: unet_base[p] for p in kv_layers}, keep_lists)
+    prompt_sets = [(d["unet"], concept_prompts(item, config.text_templates + config.sampling_templates), 1.0)
+                   for item, d in zip(inputs, deltas)]
+    if config.prior_weight > 0:
+        prompt_sets.append(({}, list(config.prior_prompts), config.prior_weight))
+    for delta, prompts, gram_weight in prompt_sets:
+        with torch.no_grad():
+            states = pipe.encode_layerwise_prompt(list(dict.fromkeys(prompts)),
+                                                  [config.negative_prompt] * len(dict.fromkeys(prompts)))
+        kv_problems.add({p: delta[p] for p in kv_layers if p in delta}, cross_attention_grams(pipe.unet, states,
+                                                                                               kv_layers), gram_weight)
+    fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations)
+    fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations)
+    with torch.no_grad():  # leave the caller's components as they were
+        for path, weight in text_base.items():
+            base_weight(pipe.text_encoder, path).copy_(weight)
+
+    report["layers"] = {
+        "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"]),
+        "unet": {**kv_problems.report(fused_kv, weight_fused["unet"]),
+                 **spatial_problems.report(fused_spatial, weight_fused["unet"])},
+    }
+    totals = {}
+    for key in ("objective_base", "objective_weight_fusion", "objective_fused"):
+        totals[key] = sum(r[key] for part in report["layers"].values() for r in part.values())
+    report["totals"] = totals
+    return fused_text, {**fused_kv, **fused_spatial}
+
+
+def save_model_folder(pipe: MixOfShowPipeline, out: Path, extra_json: dict[str, dict], overwrite: bool) -> None:
+    """Save a pipeline folder plus JSON files atomically: build it beside `out`, then swap it in."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(building)
+        for name, data in extra_json.items():
+            (building / name).write_text(json.dumps(data, indent=1, default=_json_default))
+        if out.exists():
+            if not overwrite:
+                raise MixOfShowError(f"output folder {out} appeared while fusing; nothing was replaced")
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(building, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(building, out)
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+def compute_statistics(config: FuseConfig, out: str | Path, components: dict | None = None) -> Path:
+    """A client's statistics of its one concept (`config.concepts[0]`), for `fuse` to use instead of a run.
+
+    Args:
+        config: a fusion config with exactly one concept; its templates and sampling settings are recorded.
+        out: the statistics file to write (.safetensors).
+        components: already-loaded base components instead of loading `config.base` (left unchanged).
+
+    Returns:
+        The path written.
+    """
+    if len(config.concepts) != 1:
+        raise MixOfShowError("statistics are computed for exactly one concept file")
+    if not str(out).endswith(".safetensors"):
+        raise MixOfShowError(f"the statistics file must be a .safetensors file, got {out}")
+    components = copy.deepcopy(components) if components else load_base_components(config.base)
+    pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    model_fingerprint = fingerprint(pipe.tokenizer, pipe.text_encoder, pipe.unet)
+    (item,) = prepare_inputs(dataclasses.replace(config, concepts=(dataclasses.replace(config.concepts[0],
+                                                                                       stats=None),)),
+                             pipe.tokenizer, pipe.num_layers, model_fingerprint)
+    pipe.load_concept(item.concept, scale=1.0, name=item.adapter, source=item.spec.path)
+    delta = concept_deltas(pipe, item)
+    text_paths = sorted(set(target_paths(pipe.text_encoder, "text_encoder")) | set(delta["text_encoder"]))
+    unet_paths = [p for p in sorted(set(target_paths(pipe.unet, "unet")) | set(delta["unet"]))
+                  if not p.endswith(KV_SUFFIXES)]
+    stats = record_statistics(pipe, item, config, concept_prompts(item, config.text_templates),
+                              concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
+    stats.metadata = {
+        "concept_sha256": item.sha256,
+        "concept_path": str(item.spec.path),
+        "unet_scale": item.spec.unet_scale,
+        "text_encoder_scale": item.spec.text_encoder_scale,
+        "base": dataclasses.asdict(model_fingerprint),
+        "settings": {k: getattr(config, k) for k in ("text_templates", "sampling_templates", "negative_prompt",
+                                                      "sampling_steps", "sampling_guidance", "sampling_size",
+                                                      "sampling_seed")},
+    }
+    return stats.save(out)
