@@ -213,6 +213,8 @@ class FuseConfig:
     sampling_guidance: float = _help("guidance of the sampling run", default=7.5)
     sampling_size: int | None = _help("image size of the sampling run (default: the model's)", default=None)
     sampling_seed: int = _help("seed of the sampling run", default=0)
+    guided_weight: float = _help("weight of the guidance-combined rows u + s(c - u) in the statistics (0 = the "
+                                 "paper's objective; see fusion.stats.Guidance)", default=100.0)
     prior_prompts: tuple[str, ...] = _help("generic prompts whose base-model behaviour fusion should keep",
                                            default=())
     prior_weight: float = _help("weight of that prior (0 = off, as in the paper)", default=0.0)
@@ -275,7 +277,7 @@ def validate_fuse_config(config: FuseConfig) -> None:
     for name in ("sampling_steps", "zip_steps"):
         if getattr(config, name) < 1:
             raise MixOfShowError(f"field '{name}' must be at least 1, got {getattr(config, name)}")
-    if config.prior_weight < 0 or config.rcond < 0:
-        raise MixOfShowError("fields 'prior_weight' and 'rcond' must not be negative")
+    if config.prior_weight < 0 or config.rcond < 0 or config.guided_weight < 0:
+        raise MixOfShowError("fields 'prior_weight', 'rcond' and 'guided_weight' must not be negative")
     if config.prior_weight > 0 and not config.prior_prompts:
         raise MixOfShowError("field 'prior_weight' is set but 'prior_prompts' is empty: give generic prompts")

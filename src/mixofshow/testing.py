@@ -118,7 +118,7 @@ def save_tiny_base(path, seed: int = 0):
 
 def random_concept(components: dict, words: tuple[str, ...], seed: int = 0, rank: int = 4, lora_std: float = 0.05,
                    embedding_std: float = 0.3, unet_layers: str = r".*", text_encoder_lora_std: float | None = None):
-    """A random ED-LoRA concept for `components`: layer-wise embeddings and nonzero LoRA on every default target.
+    r"""A random ED-LoRA concept for `components`: layer-wise embeddings and nonzero LoRA on every default target.
 
     Args:
         components: the base components it is made for (its fingerprint is recorded).

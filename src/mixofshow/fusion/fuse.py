@@ -33,7 +33,7 @@ from ..pipelines import MixOfShowPipeline
 from ..pipelines.pipeline_mixofshow import CONCEPTS_FILE
 from ..tokens import check_new_words
 from .solve import GramAccumulator, gradient_fusion, lbfgs_fusion, weight_fusion, zip_fusion
-from .stats import ConceptStatistics, cross_attention_grams, record_input_grams
+from .stats import ConceptStatistics, Guidance, cross_attention_grams, record_input_grams
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +145,23 @@ def record_statistics(pipe: MixOfShowPipeline, item: FusionInput | None, config:
     prompt included, as the sampler encodes them), UNet layers (no K/V) over a full sampling run."""
     use_adapter(pipe, item)
     stats = ConceptStatistics()
-    with torch.no_grad(), record_input_grams(pipe.text_encoder, text_paths, stats.grams["text_encoder"]):
-        pipe.encode_layerwise_prompt(text_prompts, [config.negative_prompt] * len(text_prompts))
+    guidance = sampler_guidance(config)
+    ids = pipe.layerwise_input_ids(text_prompts, [config.negative_prompt] * len(text_prompts))  # (L, 2B, T)
+    ids = ids.view(ids.shape[0], 2, -1, ids.shape[-1]).transpose(0, 1).reshape(-1, ids.shape[-1])  # [u; c]
+    with torch.no_grad(), record_input_grams(pipe.text_encoder, text_paths, stats.grams["text_encoder"], guidance):
+        pipe.text_encoder(ids.to(pipe.device))
     size = config.sampling_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"]):
+    with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"], guidance):
         for prompt in sampling_prompts:
             pipe(prompt, negative_prompt=config.negative_prompt, height=size, width=size,
                  num_inference_steps=config.sampling_steps, guidance_scale=config.sampling_guidance,
                  seed=config.sampling_seed, output_type="latent", progress=False)
     return stats
+
+
+def sampler_guidance(config: FuseConfig) -> Guidance | None:
+    """The guidance pairing of the sampler's batches, when it guides and guided rows are wanted."""
+    return Guidance(config.sampling_guidance, config.guided_weight) if config.sampling_guidance > 1 else None
 
 
 def concept_deltas(pipe: MixOfShowPipeline, item: FusionInput) -> dict[str, dict[str, torch.Tensor]]:
@@ -332,8 +340,8 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
         with torch.no_grad():
             states = pipe.encode_layerwise_prompt(list(dict.fromkeys(prompts)),
                                                   [config.negative_prompt] * len(dict.fromkeys(prompts)))
-        kv_problems.add({p: delta[p] for p in kv_layers if p in delta}, cross_attention_grams(pipe.unet, states,
-                                                                                               kv_layers), gram_weight)
+        grams = cross_attention_grams(pipe.unet, states, kv_layers, sampler_guidance(config))
+        kv_problems.add({p: delta[p] for p in kv_layers if p in delta}, grams, gram_weight)
     fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations)
     fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations)
     with torch.no_grad():  # leave the caller's components as they were
@@ -422,6 +430,6 @@ def compute_statistics(config: FuseConfig, out: str | Path, components: dict | N
         "base": dataclasses.asdict(model_fingerprint),
         "settings": {k: getattr(config, k) for k in ("text_templates", "sampling_templates", "negative_prompt",
                                                       "sampling_steps", "sampling_guidance", "sampling_size",
-                                                      "sampling_seed")},
+                                                      "sampling_seed", "guided_weight")},
     }
     return stats.save(out)

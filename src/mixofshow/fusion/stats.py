@@ -19,9 +19,35 @@ STATS_FORMAT = "mixofshow.stats"
 PARTS = ("text_encoder", "unet")
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """How classifier-free guidance pairs a batch: first half unconditional, second half conditional.
+
+    Besides every input row x, statistics then also record `weight` times the guided rows
+    g = x_u + scale (x_c - x_u) of each position pair. The sampler's output is u + scale (c - u): a fused layer
+    whose error is the same on x_u and x_c leaves it unchanged, one that fits only x_c does not (measured: without
+    these rows, gradient fusion of 3 concepts ends farther from each concept's own guided samples than weight
+    fusion; with them, closer).
+    """
+
+    scale: float
+    weight: float = 1.0
+
+
+def gram_rows(x: torch.Tensor, guidance: Guidance | None) -> torch.Tensor:
+    """`X^T X` of an input batch (float64), plus the guided rows' Gram when `guidance` pairs the batch."""
+    rows = x.detach().reshape(-1, x.shape[-1]).float()
+    gram = (rows.T @ rows).double()
+    if guidance is not None and guidance.weight > 0:
+        uncond, cond = rows.chunk(2)
+        guided = uncond + guidance.scale * (cond - uncond)
+        gram += guidance.weight * (guided.T @ guided).double()
+    return gram
+
+
 @contextmanager
-def record_input_grams(model: torch.nn.Module, paths: Iterable[str],
-                       grams: dict[str, torch.Tensor] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict[str, torch.Tensor] | None = None,
+                       guidance: Guidance | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """While open, add `X^T X` (float64) of every input to the named linear layers into `grams`.
 
     Memory is one `(in, in)` matrix per layer, whatever the number of tokens, steps or prompts. The hooks are
@@ -31,6 +57,7 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str],
         model: the model holding the layers.
         paths: module paths of linear layers (PEFT LoRA wrappers included).
         grams: an existing dict to add into (default: a new one).
+        guidance: the batch is [unconditional; conditional]: record the guided rows too (see `Guidance`).
 
     Yields:
         `{path: (in, in) float64 Gram matrix}`.
@@ -39,8 +66,7 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str],
 
     def hook_for(path: str):
         def hook(module, args):
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            gram = (rows.T @ rows).double()
+            gram = gram_rows(args[0], guidance)
             grams[path] = grams[path] + gram if path in grams else gram
 
         return hook
@@ -53,13 +79,15 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str],
             handle.remove()
 
 
-def cross_attention_grams(unet, states: torch.Tensor, paths: Iterable[str]) -> dict[str, torch.Tensor]:
+def cross_attention_grams(unet, states: torch.Tensor, paths: Iterable[str],
+                          guidance: Guidance | None = None) -> dict[str, torch.Tensor]:
     """Grams of the cross-attention K/V inputs: layer k reads the k-th layer-wise encoding.
 
     Args:
         unet: the UNet (for the layer order).
         states: `(L, B, T, D)` layer-wise prompt encodings as the sampler feeds them (L = 1: shared by all).
         paths: the `attn2.to_k` / `attn2.to_v` paths wanted.
+        guidance: the batch is [negatives; prompts]: record the guided rows too (see `Guidance`).
 
     Returns:
         `{path: (D, D) float64 Gram}`.
@@ -67,12 +95,10 @@ def cross_attention_grams(unet, states: torch.Tensor, paths: Iterable[str]) -> d
     wanted = set(paths)
     grams = {}
     for k, (name, _) in enumerate(cross_attention_layers(unet)):
-        rows = states[k if states.shape[0] > 1 else 0].reshape(-1, states.shape[-1]).float()
-        gram = None
-        for path in (f"{name}.to_k", f"{name}.to_v"):
-            if path in wanted:
-                gram = (rows.T @ rows).double() if gram is None else gram
-                grams[path] = gram
+        layer_paths = [p for p in (f"{name}.to_k", f"{name}.to_v") if p in wanted]
+        if layer_paths:
+            gram = gram_rows(states[k if states.shape[0] > 1 else 0], guidance)
+            grams.update({p: gram for p in layer_paths})
     return grams
 
 

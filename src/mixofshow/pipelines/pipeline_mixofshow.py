@@ -167,18 +167,23 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         for text in prompts + negatives:
             self.concepts.check_prompt(text)
 
+    def layerwise_input_ids(self, prompts: list[str], negatives: list[str] | None) -> torch.Tensor:
+        """Token ids of prompts (and negatives) once per cross-attention layer: `(L, B, T)` or `(L, 2B, T)` with the
+        negatives first; L is 1 when no layer-wise word is used."""
+        ids = self.concepts.layer_input_ids(self.tokenizer, prompts)
+        if negatives is not None:
+            negative_ids = self.concepts.layer_input_ids(self.tokenizer, negatives)
+            layers = max(ids.shape[0], negative_ids.shape[0])
+            ids = torch.cat([negative_ids.expand(layers, -1, -1), ids.expand(layers, -1, -1)], dim=1)
+        return ids
+
     def encode_layerwise_prompt(self, prompts: list[str], negatives: list[str] | None) -> torch.Tensor:
         """Encode prompts (and negatives for classifier-free guidance) once per cross-attention layer.
 
         Returns:
             `(L, B, T, D)`, or `(L, 2B, T, D)` with the negatives first; L is 1 when no layer-wise word is used.
         """
-        ids = self.concepts.layer_input_ids(self.tokenizer, prompts)
-        if negatives is not None:
-            negative_ids = self.concepts.layer_input_ids(self.tokenizer, negatives)
-            layers = max(ids.shape[0], negative_ids.shape[0])
-            ids = torch.cat([negative_ids.expand(layers, -1, -1), ids.expand(layers, -1, -1)], dim=1)
-        return encode_layerwise(self.text_encoder, ids)
+        return encode_layerwise(self.text_encoder, self.layerwise_input_ids(prompts, negatives))
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
                       guidance_scale: float) -> torch.Tensor:
