@@ -67,6 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample images from a base model with concepts, or a fused model")
     _add_sampling_flags(sample)
 
+    fuse = commands.add_parser("fuse", help="fuse any number of concept files into one model folder")
+    fuse.add_argument("config", nargs="?", help="YAML/JSON fusion config, or the official fusion JSON list")
+    fuse.add_argument("--base")
+    fuse.add_argument("--concept", action="append", default=[], help="concept file (repeatable)")
+    fuse.add_argument("--stats", action="append", default=[],
+                      help="statistics file from `mixofshow stats` (repeatable; matched to its concept)")
+    fuse.add_argument("--method", choices=["weight", "gradient", "zip", "lbfgs"])
+    fuse.add_argument("--sampling-steps", type=int, help="steps of each concept's sampling run (default 20)")
+    fuse.add_argument("--out", help="output folder")
+    fuse.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
+    fuse.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
+    stats = commands.add_parser("stats", help="compute a concept's fusion statistics on the client")
+    stats.add_argument("config", nargs="?", help="YAML/JSON fusion config whose settings the center will use")
+    stats.add_argument("--base")
+    stats.add_argument("--concept", required=True)
+    stats.add_argument("--unet-scale", type=float, default=None)
+    stats.add_argument("--text-encoder-scale", type=float, default=None)
+    stats.add_argument("--sampling-steps", type=int)
+    stats.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    stats.add_argument("--device", default=None)
+
     inspect = commands.add_parser("inspect", help="show what a concept file holds")
     inspect.add_argument("file")
 
@@ -152,6 +174,53 @@ def run_sample(args) -> None:
         print(f"wrote {path}")
 
 
+def _load_base_on(args):
+    """Base components of `args.base_path` on the chosen device."""
+    import torch
+
+    from .models import load_base_components
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    components = load_base_components(args.base_path)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(device)
+    return components
+
+
+def run_fuse(args) -> None:
+    from .config import load_fuse_config
+    from .fusion.fuse import fuse
+
+    concepts = [{"path": c} for c in args.concept]
+    if args.stats:
+        if len(args.stats) != len(args.concept):
+            raise MixOfShowError(f"--stats needs one file per --concept ({len(args.concept)}), got {len(args.stats)}")
+        for entry, stats in zip(concepts, args.stats):
+            entry["stats"] = stats
+    config = load_fuse_config(args.config, concepts=concepts, base=args.base, method=args.method, out=args.out,
+                              sampling_steps=args.sampling_steps, overwrite=args.overwrite)
+    args.base_path = config.base
+    out = fuse(config, components=_load_base_on(args), progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def run_stats(args) -> None:
+    from .config import load_fuse_config, read_document
+    from .fusion.fuse import compute_statistics
+
+    entry = {"path": args.concept}
+    for key in ("unet_scale", "text_encoder_scale"):
+        if getattr(args, key) is not None:
+            entry[key] = getattr(args, key)
+    settings = read_document(args.config, allow_list=True) if args.config else {}
+    settings = settings if isinstance(settings, dict) else {}  # the official list holds no settings
+    settings = {k: v for k, v in settings.items() if k not in ("concepts", "out")}
+    settings.update({k: v for k, v in (("base", args.base), ("sampling_steps", args.sampling_steps)) if v is not None})
+    config = load_fuse_config(None, concepts=[entry], out=args.out, **settings)
+    args.base_path = config.base
+    print(f"wrote {compute_statistics(config, args.out, components=_load_base_on(args))}")
+
+
 def run_inspect(args) -> None:
     from .concept_file import load_concept
 
@@ -182,7 +251,8 @@ def run_import(args) -> None:
     print(f"wrote {out}")
 
 
-COMMANDS = {"train": run_train, "sample": run_sample, "inspect": run_inspect, "import-official": run_import}
+COMMANDS = {"train": run_train, "sample": run_sample, "fuse": run_fuse, "stats": run_stats, "inspect": run_inspect,
+            "import-official": run_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,13 +209,16 @@ class LayerProblems:
                 fused[path] = lbfgs_fusion(w0, *self.lists[path], iterations=iterations)
         return fused
 
-    def report(self, fused: dict[str, torch.Tensor], weight_fused: dict[str, torch.Tensor]) -> dict:
+    def report(self, fused: dict[str, torch.Tensor], weight_fused: dict[str, torch.Tensor],
+               summed: dict[str, torch.Tensor]) -> dict:
+        """Per layer, the objective at W0, at weight fusion, at the plain sum of the LoRAs, and at the result."""
         rows = {}
         for path, accumulator in self.accumulators.items():
             w0 = self.base[path].double()
             rows[path] = {
                 "objective_base": accumulator.objective(torch.zeros_like(w0)),
                 "objective_weight_fusion": accumulator.objective(weight_fused[path].double() - w0),
+                "objective_sum": accumulator.objective(summed[path].double() - w0),
                 "objective_fused": accumulator.objective(fused[path].double() - w0),
             }
         return rows
@@ -262,17 +265,17 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
 
     text_base = _weights_of(pipe.text_encoder, text_layers)
     unet_base = _weights_of(pipe.unet, unet_layers)
-    weight_fused = {
-        part: {p: weight_fusion(w0, [d[part].get(p, torch.zeros_like(w0)) for d in deltas], weights)
-               for p, w0 in base.items()}
-        for part, base in (("text_encoder", text_base), ("unet", unet_base))
-    }
+    parts = (("text_encoder", text_base), ("unet", unet_base))
+    weight_fused, summed = (
+        {part: {p: weight_fusion(w0, [d[part].get(p, torch.zeros_like(w0)) for d in deltas], w)
+                for p, w0 in base.items()} for part, base in parts}
+        for w in (weights, [1.0] * len(inputs)))
     report: dict = {"method": config.method, "layers": {}}
     if config.method == "weight":
         fused_text, fused_unet = weight_fused["text_encoder"], weight_fused["unet"]
     else:
         fused_text, fused_unet = _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers,
-                                        spatial_layers, weight_fused, report, progress)
+                                        spatial_layers, (weight_fused, summed), report, progress)
 
     # 3. Write the fused weights and the concept tokens into the clean model, then save atomically
     for model, fused in ((clean["text_encoder"], fused_text), (clean["unet"], fused_unet)):
@@ -301,7 +304,7 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
     return out
 
 
-def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatial_layers, weight_fused, report,
+def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatial_layers, references, report,
            progress):
     """Statistics and solves for gradient / zip / lbfgs: text encoder, then K/V, then the other UNet layers."""
     keep_lists = config.method in ("zip", "lbfgs")
@@ -348,13 +351,14 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
         for path, weight in text_base.items():
             base_weight(pipe.text_encoder, path).copy_(weight)
 
+    weight_fused, summed = references
     report["layers"] = {
-        "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"]),
-        "unet": {**kv_problems.report(fused_kv, weight_fused["unet"]),
-                 **spatial_problems.report(fused_spatial, weight_fused["unet"])},
+        "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"], summed["text_encoder"]),
+        "unet": {**kv_problems.report(fused_kv, weight_fused["unet"], summed["unet"]),
+                 **spatial_problems.report(fused_spatial, weight_fused["unet"], summed["unet"])},
     }
     totals = {}
-    for key in ("objective_base", "objective_weight_fusion", "objective_fused"):
+    for key in ("objective_base", "objective_weight_fusion", "objective_sum", "objective_fused"):
         totals[key] = sum(r[key] for part in report["layers"].values() for r in part.values())
     report["totals"] = totals
     return fused_text, {**fused_kv, **fused_spatial}

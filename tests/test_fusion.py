@@ -1,0 +1,191 @@
+"""Center-node fusion end to end on tiny random models: exactness, quality against weight fusion, statistics files,
+fused folders, renaming, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from mixofshow import MixOfShowError, MixOfShowPipeline
+from mixofshow.cli import main
+from mixofshow.concept_file import save_concept
+from mixofshow.config import load_fuse_config
+from mixofshow.fusion.fuse import compute_statistics, fuse
+from mixofshow.testing import random_concept, save_tiny_base, tiny_components
+
+WORDS = [("<a1>", "<a2>"), ("<b1>", "<b2>"), ("<c1>", "<c2>")]
+
+
+@pytest.fixture(scope="module")
+def concepts(tmp_path_factory):
+    """Three random ED-LoRA concepts with ED-LoRA's balance: a 10x smaller text-encoder LoRA than the UNet's."""
+    root = tmp_path_factory.mktemp("concepts")
+    base = tiny_components()
+    return [save_concept(random_concept(base, words, seed=i, lora_std=0.1, text_encoder_lora_std=0.01),
+                         root / f"c{i}.safetensors") for i, words in enumerate(WORDS)]
+
+
+def run_fusion(tmp_path, paths, method="gradient", name="fused", **fields):
+    config = load_fuse_config(None, concepts=[str(p) for p in paths], base="tiny", out=str(tmp_path / name),
+                              method=method, **fields)
+    return fuse(config, components=tiny_components(), progress=False)
+
+
+def sample(pipe, words, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(f"photo of a {' '.join(words)}", num_inference_steps=20, seed=0, output_type="latent",
+                **kwargs).images
+
+
+def own_model(path):
+    pipe = MixOfShowPipeline(**tiny_components())
+    pipe.load_concept(path)
+    return pipe
+
+
+def test_one_concept_fusion_is_that_concepts_model(tmp_path, concepts):
+    fused = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts[:1]))
+    torch.testing.assert_close(sample(fused, WORDS[0]), sample(own_model(concepts[0]), WORDS[0]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_fusion_keeps_each_concept_closer_than_weight_fusion(tmp_path, concepts):
+    gradient = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts, "gradient", "gradient"))
+    weight = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts, "weight", "weight"))
+    for path, words in zip(concepts, WORDS):
+        reference = sample(own_model(path), words)
+        by_gradient = (sample(gradient, words) - reference).abs().mean()
+        by_weight = (sample(weight, words) - reference).abs().mean()
+        assert by_gradient < by_weight, f"{words}: gradient {by_gradient:.4f} vs weight {by_weight:.4f}"
+
+
+@pytest.mark.parametrize("method", ["gradient", "zip", "lbfgs"])
+def test_every_layer_objective_is_never_worse_than_the_base(tmp_path, concepts, method):
+    out = run_fusion(tmp_path, concepts, method, zip_steps=10, lbfgs_text_iterations=20, lbfgs_unet_iterations=5)
+    report = json.loads((out / "fusion_report.json").read_text())
+    rows = [row for part in report["layers"].values() for row in part.values()]
+    assert len(rows) == 8 + 56  # text-encoder and UNet attention linears of the tiny model
+    start = "objective_sum" if method == "zip" else "objective_base"  # zip starts from the plain sum of LoRAs
+    for row in rows:
+        assert row["objective_fused"] <= row[start] * (1 + 1e-9) + 1e-9
+        if method == "gradient":
+            assert row["objective_fused"] <= row["objective_weight_fusion"] * (1 + 1e-9) + 1e-9
+
+
+def test_fused_folder_loads_in_diffusers_and_knows_its_concepts(tmp_path, concepts):
+    out = run_fusion(tmp_path, concepts[:2])
+    plain = StableDiffusionPipeline.from_pretrained(out)
+    assert plain.safety_checker is None and "<a1_0>" in plain.tokenizer.get_vocab()
+    ours = MixOfShowPipeline.from_base(out)
+    assert set(ours.concepts.words()) == {"<a1>", "<a2>", "<b1>", "<b2>"}
+    manifest = json.loads((out / "concepts.json").read_text())
+    assert manifest["tokens"]["<b2>"] == [f"<b2_{k}>" for k in range(7)]
+
+
+def test_client_statistics_give_the_same_fused_weights(tmp_path, concepts):
+    stats = [compute_statistics(load_fuse_config(None, concepts=[str(p)], base="tiny", out="unused"),
+                                tmp_path / f"s{i}.safetensors", components=tiny_components())
+             for i, p in enumerate(concepts[:2])]
+    at_center = run_fusion(tmp_path, concepts[:2], name="center")
+    config = load_fuse_config(None, concepts=[{"path": str(p), "stats": str(s)} for p, s in zip(concepts, stats)],
+                              base="tiny", out=str(tmp_path / "clients"))
+    from_clients = fuse(config, components=tiny_components(), progress=False)
+    for part in ("unet", "text_encoder"):
+        expected = load_file(next((at_center / part).glob("*.safetensors")))
+        for key, tensor in load_file(next((from_clients / part).glob("*.safetensors"))).items():
+            torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_for_another_scale_are_refused(tmp_path, concepts):
+    stats = compute_statistics(load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out="unused"),
+                               tmp_path / "s.safetensors", components=tiny_components())
+    config = load_fuse_config(None, concepts=[{"path": str(concepts[0]), "stats": str(stats), "unet_scale": 0.5}],
+                              base="tiny", out=str(tmp_path / "x"))
+    with pytest.raises(MixOfShowError, match="unet_scale"):
+        fuse(config, components=tiny_components(), progress=False)
+
+
+def test_colliding_words_are_renamed(tmp_path, concepts, caplog):
+    twin = save_concept(random_concept(tiny_components(), WORDS[0], seed=7), tmp_path / "twin.safetensors")
+    with caplog.at_level(logging.WARNING):
+        out = run_fusion(tmp_path, [concepts[0], twin])
+    assert "renamed to <a1~2>" in caplog.text
+    fused = MixOfShowPipeline.from_base(out)
+    assert {"<a1>", "<a2>", "<a1~2>", "<a2~2>"} == set(fused.concepts.words())
+    report = json.loads((out / "fusion_report.json").read_text())
+    assert report["inputs"][1]["renamed"] == {"<a1>": "<a1~2>", "<a2>": "<a2~2>"}
+    assert torch.isfinite(sample(fused, ("<a1~2>", "<a2~2>"))).all()
+
+
+# -- bad input: a clear error before any work, nothing written ---------------------------------------------------
+
+def test_concept_from_another_base_model_is_refused(tmp_path, concepts):
+    other = save_concept(random_concept(tiny_components(seed=1), ("<z1>",)), tmp_path / "other.safetensors")
+    with pytest.raises(MixOfShowError, match="other weights"):
+        run_fusion(tmp_path, [concepts[0], other])
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([], "no concepts"),
+        (["missing.safetensors"], "not found"),
+        ([{"path": "CONCEPT", "unet_scale": float("inf")}], "finite"),
+        ([{"path": "CONCEPT", "text_encoder_scale": "big"}], "finite"),
+    ],
+)
+def test_bad_fusion_inputs(tmp_path, concepts, entries, message):
+    entries = [str(concepts[0]) if e == "CONCEPT" else e for e in entries]
+    entries = [{**e, "path": str(concepts[0])} if isinstance(e, dict) else e for e in entries]
+    with pytest.raises(MixOfShowError, match=message):
+        fuse(load_fuse_config(None, concepts=entries, base="tiny", out=str(tmp_path / "o")),
+             components=tiny_components(), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_file_that_is_not_a_concept_is_refused(tmp_path):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(MixOfShowError, match="not a readable safetensors"):
+        run_fusion(tmp_path, [fake])
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, concepts):
+    out = tmp_path / "fused"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MixOfShowError, match="not empty"):
+        run_fusion(tmp_path, concepts[:1])
+    assert (out / "keep.txt").read_text() == "mine"
+    run_fusion(tmp_path, concepts[:1], overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
+
+
+def test_official_fusion_list_is_read(tmp_path, concepts):
+    listing = tmp_path / "official.json"
+    listing.write_text(json.dumps([{"lora_path": str(concepts[0]), "unet_alpha": 0.8, "text_encoder_alpha": 0.6,
+                                    "concept_name": "<a1> <a2>"}]))
+    config = load_fuse_config(listing, base="tiny", out=str(tmp_path / "o"))
+    assert (config.concepts[0].unet_scale, config.concepts[0].text_encoder_scale) == (0.8, 0.6)
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+def test_cli_stats_fuse_and_sample(tmp_path, concepts):
+    base = save_tiny_base(tmp_path / "base")
+    stats = tmp_path / "a.stats.safetensors"
+    assert main(["--quiet", "stats", "--base", str(base), "--concept", str(concepts[0]), "--sampling-steps", "4",
+                 "--out", str(stats), "--device", "cpu"]) == 0
+    out = tmp_path / "fused"
+    assert main(["--quiet", "fuse", "--base", str(base), "--concept", str(concepts[0]), "--concept", str(concepts[1]),
+                 "--sampling-steps", "4", "--method", "gradient", "--out", str(out), "--device", "cpu"]) == 0
+    image = tmp_path / "a.png"
+    assert main(["--quiet", "sample", "--model", str(out), "--prompt", "photo of a <a1> <a2>", "--steps", "2",
+                 "--out", str(image), "--device", "cpu"]) == 0
+    assert image.is_file()
