@@ -189,3 +189,42 @@ def test_cli_stats_fuse_and_sample(tmp_path, concepts):
     assert main(["--quiet", "sample", "--model", str(out), "--prompt", "photo of a <a1> <a2>", "--steps", "2",
                  "--out", str(image), "--device", "cpu"]) == 0
     assert image.is_file()
+
+
+def _fuse_in_process(rank, world, port, paths, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fuse(load_fuse_config(None, concepts=paths, base="tiny", out=out, sampling_steps=4),
+             components=tiny_components(), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_split_the_concepts_and_give_the_same_model(tmp_path, concepts):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    paths = [str(p) for p in concepts]
+    mp.spawn(_fuse_in_process, args=(2, port, paths, str(tmp_path / "two")), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the two processes: float32 sums then agree bit for bit
+    try:
+        one = fuse(load_fuse_config(None, concepts=paths, base="tiny", out=str(tmp_path / "one"), sampling_steps=4),
+                   components=tiny_components(), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    # The statistics are sums over the concepts in another order: every layer's objective must agree.
+    reports = [json.loads((folder / "fusion_report.json").read_text()) for folder in (one, tmp_path / "two")]
+    for part, rows in reports[0]["layers"].items():
+        for path, row in rows.items():
+            other = reports[1]["layers"][part][path]
+            assert other["objective_fused"] == pytest.approx(row["objective_fused"], rel=1e-6, abs=1e-9), path
+    samples = [sample(MixOfShowPipeline.from_base(folder), WORDS[1]) for folder in (one, tmp_path / "two")]
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)

@@ -181,6 +181,10 @@ def _load_base_on(args):
     from .models import load_base_components
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under `accelerate launch`: one device per process
+        from accelerate import PartialState
+
+        device = PartialState().device
     components = load_base_components(args.base_path)
     for name in ("unet", "vae", "text_encoder"):
         components[name].to(device)

@@ -197,11 +197,24 @@ class LayerProblems:
                 self.lists[path][0].append(delta)
                 self.lists[path][1].append(gram)
 
-    def solve(self, method: str, config: FuseConfig, iterations: int) -> dict[str, torch.Tensor]:
+    def sum_across_processes(self) -> None:
+        """Add up every process's accumulators (each process streamed its share of the concepts)."""
+        import torch.distributed as dist
+
+        for accumulator in self.accumulators.values():
+            constant = torch.as_tensor(accumulator.constant, dtype=torch.float64, device=accumulator.gram.device)
+            for tensor in (accumulator.delta_gram, accumulator.gram, constant):
+                dist.all_reduce(tensor)
+            accumulator.constant = constant
+
+    def solve(self, method: str, config: FuseConfig, iterations: int,
+              anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fused weights of every layer; `anchors` (weight fusion) fill the directions no input excites."""
         fused = {}
         for path, w0 in tqdm(self.base.items(), desc=f"solve ({method})", leave=False, disable=len(self.base) < 8):
             if method == "gradient":
-                fused[path] = gradient_fusion(w0, self.accumulators[path], rcond=config.rcond)
+                anchor = anchors[path].double() - w0.double()
+                fused[path] = gradient_fusion(w0, self.accumulators[path], rcond=config.rcond, anchor=anchor)
             elif method == "zip":
                 fused[path] = zip_fusion(w0, *self.lists[path], steps=config.zip_steps, lr=config.zip_lr,
                                          similarity_weight=config.zip_similarity_weight)
@@ -222,6 +235,15 @@ class LayerProblems:
                 "objective_fused": accumulator.objective(fused[path].double() - w0),
             }
         return rows
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group `accelerate launch` set up, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _weights_of(model, paths) -> dict[str, torch.Tensor]:
@@ -298,7 +320,8 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
                      "tokens": fused_pipe.concepts.to_json(fused_pipe.tokenizer),
                      "concepts": [{"source": i.spec.path, "words": list(i.concept.words), "renamed": i.renamed}
                                   for i in inputs]}
-    save_model_folder(fused_pipe, out, {CONCEPTS_FILE: concepts_json, REPORT_FILE: report}, config.overwrite)
+    if process_group()[0] == 0:
+        save_model_folder(fused_pipe, out, {CONCEPTS_FILE: concepts_json, REPORT_FILE: report}, config.overwrite)
     logger.info("fused %d concept(s) with %s fusion into %s in %.1f s", len(inputs), config.method, out,
                 report["seconds"])
     return out
@@ -315,19 +338,28 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
                   if not p.endswith(KV_SUFFIXES)]
 
     # Text encoder and spatial layers: each concept's own model (or the client's statistics file)
-    runs = [(item, d) for item, d in zip(inputs, deltas)]
+    # Under `accelerate launch` each process takes every world-th concept; the sums are then added up.
+    rank, world = process_group()
+    if world > 1 and keep_lists:
+        raise MixOfShowError(f"method {config.method!r} runs in one process; use `gradient` with several")
+    runs = [(item, d) for index, (item, d) in enumerate(zip(inputs, deltas)) if index % world == rank]
     for item, delta in tqdm(runs, desc="concept statistics", disable=not progress):
         stats = item.statistics or record_statistics(
             pipe, item, config, concept_prompts(item, config.text_templates),
             concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
         text_problems.add(delta["text_encoder"], stats.grams["text_encoder"])
         spatial_problems.add(delta["unet"], stats.grams["unet"])
-    if config.prior_weight > 0:
+    if config.prior_weight > 0 and rank == 0:
         prior = record_statistics(pipe, None, config, list(config.prior_prompts), list(config.prior_prompts),
                                   text_paths, unet_paths)
         text_problems.add({}, prior.grams["text_encoder"], config.prior_weight)
         spatial_problems.add({}, prior.grams["unet"], config.prior_weight)
-    fused_text = text_problems.solve(config.method, config, config.lbfgs_text_iterations)
+    if world > 1:
+        text_problems.sum_across_processes()
+        spatial_problems.sum_across_processes()
+    weight_fused, summed = references
+    fused_text = text_problems.solve(config.method, config, config.lbfgs_text_iterations,
+                                     weight_fused["text_encoder"])
 
     # Cross-attention K/V: inputs are the fused text encoder's encodings of each concept's prompts
     use_adapter(pipe, None)
@@ -345,13 +377,12 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
                                                   [config.negative_prompt] * len(dict.fromkeys(prompts)))
         grams = cross_attention_grams(pipe.unet, states, kv_layers, sampler_guidance(config))
         kv_problems.add({p: delta[p] for p in kv_layers if p in delta}, grams, gram_weight)
-    fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations)
-    fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations)
+    fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations, weight_fused["unet"])
+    fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations, weight_fused["unet"])
     with torch.no_grad():  # leave the caller's components as they were
         for path, weight in text_base.items():
             base_weight(pipe.text_encoder, path).copy_(weight)
 
-    weight_fused, summed = references
     report["layers"] = {
         "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"], summed["text_encoder"]),
         "unet": {**kv_problems.report(fused_kv, weight_fused["unet"], summed["unet"]),

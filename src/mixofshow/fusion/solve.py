@@ -186,8 +186,14 @@ def gradient_fusion(
     prior_gram: torch.Tensor | None = None,
     prior_weight: float = 0.0,
     rcond: float = 1e-10,
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient fusion in closed form: W = W0 + M (G + lambda G_p)^+, the point L-BFGS from W0 converges to.
+    """Gradient fusion in closed form: W = W0 + A + (M - A G) (G + lambda G_p)^+.
+
+    With no anchor (A = 0) this is W0 + M G^+, the point L-BFGS from W0 converges to. An anchor A (e.g. the weight
+    fusion delta) only changes W along the Gram's (near-)null directions, which no recorded input excites, so the
+    objective is the same; there W becomes W0 + A instead of W0. With one concept and A = dW the result is
+    W0 + dW exactly, whatever the cutoff.
 
     Args:
         base: base weight W0 (out, in).
@@ -195,6 +201,7 @@ def gradient_fusion(
         prior_gram: optional Gram matrix G_p (in, in) of generic inputs on which W should stay W0 (beyond the paper).
         prior_weight: lambda >= 0, the weight of the prior term lambda tr((W - W0) G_p (W - W0)^T).
         rcond: relative eigenvalue cutoff of the pseudo-inverse.
+        anchor: A (out, in), the change kept along the null directions (default 0).
 
     Returns:
         The fused weight in `base`'s dtype and on its device.
@@ -204,7 +211,13 @@ def gradient_fusion(
             f"accumulator of shape {tuple(accumulator.delta_gram.shape)} does not fit the base "
             f"weight of shape {tuple(base.shape)}"
         )
-    delta_w = closed_form_delta(accumulator.delta_gram, accumulator.gram, prior_gram, prior_weight, rcond)
+    delta_gram = accumulator.delta_gram
+    if anchor is not None:
+        anchor = _f64(anchor, accumulator.device)
+        delta_gram = delta_gram - anchor @ accumulator.gram
+    delta_w = closed_form_delta(delta_gram, accumulator.gram, prior_gram, prior_weight, rcond)
+    if anchor is not None:
+        delta_w = delta_w + anchor
     return (_f64(base) + delta_w.to(base.device)).to(base.dtype)
 
 
