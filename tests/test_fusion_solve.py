@@ -326,3 +326,20 @@ def test_float32_rank_deficient_input_is_solved_in_float64():
         naive = base + torch.linalg.solve(gram + ridge, moment.T).T
         naive_worse += fusion_objective(naive, base, deltas, exact) > at_base
     assert naive_worse >= 2  # the case really is a trap for a float32 solve
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_anchor_changes_only_unexcited_directions(n):
+    base, deltas, xs = random_layer(5, out=12, inn=40, rows=10, n=n)  # rank-deficient: 10n rows, 40 dims
+    grams = grams_of(xs)
+    accumulator = GramAccumulator.from_lists(deltas, grams)
+    anchor = weight_fusion(base, deltas) - base
+    anchored = gradient_fusion(base, accumulator, anchor=anchor)
+    plain = gradient_fusion(base, accumulator)
+    assert not torch.allclose(anchored, plain)
+    assert fusion_objective(anchored, base, deltas, grams) == pytest.approx(
+        fusion_objective(plain, base, deltas, grams), rel=1e-9, abs=1e-12)
+    for x in xs:  # identical on every recorded input
+        torch.testing.assert_close(x @ anchored.T, x @ plain.T)
+    if n == 1:  # one concept anchored at its own delta is its own layer on every input, whatever the cutoff
+        torch.testing.assert_close(gradient_fusion(base, accumulator, rcond=0.5, anchor=deltas[0]), base + deltas[0])
