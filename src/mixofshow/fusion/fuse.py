@@ -186,10 +186,13 @@ class LayerProblems:
         self.accumulators = {p: GramAccumulator.zeros(*w.shape, device=w.device) for p, w in weights.items()}
         self.lists: dict[str, tuple[list, list]] | None = {p: ([], []) for p in weights} if keep_lists else None
 
-    def add(self, deltas: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], gram_weight: float = 1.0):
+    def add(self, deltas: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], gram_weight: float = 1.0,
+            source: str = "the statistics"):
+        """Stream in one concept (or the prior): its deltas (missing = 0) and its Grams (`gram_weight` times)."""
         for path, accumulator in self.accumulators.items():
             if path not in grams:
-                raise MixOfShowError(f"no statistics recorded for layer {path}")
+                raise MixOfShowError(f"{source} hold no statistics for layer {path}, which another concept's LoRA "
+                                     "changes: recompute them with this fusion's concept list at the center")
             delta = deltas.get(path, torch.zeros_like(self.base[path], dtype=torch.float32))
             gram = grams[path].to(accumulator.gram.device) * gram_weight
             accumulator.add(delta, gram)
@@ -347,8 +350,9 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
         stats = item.statistics or record_statistics(
             pipe, item, config, concept_prompts(item, config.text_templates),
             concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
-        text_problems.add(delta["text_encoder"], stats.grams["text_encoder"])
-        spatial_problems.add(delta["unet"], stats.grams["unet"])
+        source = item.spec.stats or "the statistics"
+        text_problems.add(delta["text_encoder"], stats.grams["text_encoder"], source=source)
+        spatial_problems.add(delta["unet"], stats.grams["unet"], source=source)
     if config.prior_weight > 0 and rank == 0:
         prior = record_statistics(pipe, None, config, list(config.prior_prompts), list(config.prior_prompts),
                                   text_paths, unet_paths)
