@@ -11,3 +11,4 @@ export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 timeout "${TRAIN_TIMEOUT:-360}" python benchmarks/train_step.py --device cuda --resolution 512 --batch-size 2 \
   --precision "${PRECISION:-fp16}" --steps 20 --warmup 5 --variants "${VARIANTS:-reference,ours,ours+compile}" 2>&1 \
   | grep -v "kept in float32" | tee "$OUT/train_step.txt"
+[ "${FUSION:-0}" = "1" ] && timeout "${FUSION_TIMEOUT:-300}" python benchmarks/fusion.py --model sd15 --device cuda --concepts "${FUSION_CONCEPTS:-1,3}" --methods "${FUSION_METHODS:-weight,lbfgs,gradient}" --json "$OUT/fusion.json" 2>&1 | grep -v "kept in float32" | tee "$OUT/fusion.txt"

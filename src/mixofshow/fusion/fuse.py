@@ -192,7 +192,7 @@ class LayerProblems:
         for path, accumulator in self.accumulators.items():
             if path not in grams:
                 raise MixOfShowError(f"{source} hold no statistics for layer {path}, which another concept's LoRA "
-                                     "changes: recompute them with this fusion's concept list at the center")
+                                     "changes: leave out that 'stats' entry so the center records the concept")
             delta = deltas.get(path, torch.zeros_like(self.base[path], dtype=torch.float32))
             gram = grams[path].to(accumulator.gram.device) * gram_weight
             accumulator.add(delta, gram)
