@@ -230,7 +230,9 @@ def print_table(rows: list[dict], args, source: str) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     size = args.sampling_size or "model default"
     iterations = f"{args.lbfgs_text_iterations}/{args.lbfgs_unet_iterations}"
-    if (args.lbfgs_text_iterations, args.lbfgs_unet_iterations) != (PAPER_TEXT_ITERATIONS, PAPER_UNET_ITERATIONS):
+    if "lbfgs" not in (r["method"] for r in rows):
+        iterations = "not run"
+    elif (args.lbfgs_text_iterations, args.lbfgs_unet_iterations) != (PAPER_TEXT_ITERATIONS, PAPER_UNET_ITERATIONS):
         iterations += (f" (REDUCED from the paper's {PAPER_TEXT_ITERATIONS}/{PAPER_UNET_ITERATIONS}: favours "
                        "lbfgs in time)")
     else:
