@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("file")
     convert.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
     convert.add_argument("--alpha", type=float, default=1.0, help="the official LoRA alpha it was trained with")
+
+    layout = commands.add_parser("layout", help="regional-sampling layouts: convert the official format, preview")
+    layout_actions = layout.add_subparsers(dest="layout_action", required=True)
+    official = layout_actions.add_parser("convert", help="the official Mix-of-Show prompt_rewrite as a layout file")
+    official.add_argument("--official", required=True,
+                          help="'[prompt]-*-[negative prompt]-*-[y0, x0, y1, x1]|...' (pixels, y first)")
+    official.add_argument("--width", type=int, required=True)
+    official.add_argument("--height", type=int, required=True)
+    official.add_argument("--prompt", default="", help="the global (context) prompt")
+    official.add_argument("--negative-prompt", default="", help="the global negative prompt")
+    official.add_argument("--out", required=True, help="layout file to write (.yaml, or .json)")
+    preview = layout_actions.add_parser("preview", help="draw a layout's regions and prompts on an image")
+    preview.add_argument("layout", help="YAML/JSON layout file")
+    preview.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
     return parser
 
 
@@ -255,8 +269,30 @@ def run_import(args) -> None:
     print(f"wrote {out}")
 
 
+def run_layout(args) -> None:
+    from PIL import Image
+
+    from .layout import draw_layout_preview, layout_from_official, load_layout
+
+    if args.layout_action == "convert":
+        layout = layout_from_official(args.official, args.width, args.height, prompt=args.prompt,
+                                      negative_prompt=args.negative_prompt)
+        print(f"wrote {layout.save(args.out)}")
+        return
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise MixOfShowError(f"--out must name an image file (.png, .jpg, ...), got {out}")
+    image = draw_layout_preview(load_layout(args.layout))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+    except OSError as error:
+        raise MixOfShowError(f"could not write the preview to {out}: {error}") from None
+    print(f"wrote {out}")
+
+
 COMMANDS = {"train": run_train, "sample": run_sample, "fuse": run_fuse, "stats": run_stats, "inspect": run_inspect,
-            "import-official": run_import}
+            "import-official": run_import, "layout": run_layout}
 
 
 def main(argv: list[str] | None = None) -> int:
