@@ -421,16 +421,14 @@ def load_layout(source: str | Path | dict, base_dir: str | Path | None = None) -
     Raises:
         MixOfShowError: naming the file, the field path (e.g. `regions[1].box`), the bad value and what to do.
     """
-    if isinstance(source, dict):
-        name, data = "layout", source
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
-    elif isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)):
         if not _is_file(Path(source)):
             raise MixOfShowError(f"layout file {str(source)!r} not found")
         name, data = str(source), read_document(source)
         base = Path(base_dir) if base_dir is not None else Path(source).parent
-    else:
-        raise MixOfShowError(f"a layout is a file path or a dict, got {type(source).__name__}")
+    else:  # the document itself; anything but a dict is refused below
+        name, data = "layout", source
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
     try:
         return _layout_from_document(data, base.absolute())
     except MixOfShowError as error:
@@ -460,7 +458,8 @@ def _official_box(text: str, where: str) -> list[float]:
     if len(parts) != 4 or not all(_NUMBER.fullmatch(part) for part in parts):
         raise MixOfShowError(f"{where} must be 4 numbers [y0, x0, y1, x1] in pixels (official order: top, left, "
                              f"bottom, right), got {_show(text.strip())}")
-    return [float(part) for part in parts]
+    values = [float(part) for part in parts]
+    return [int(v) if v.is_integer() else v for v in values]
 
 
 def layout_from_official(rewrite: str, width: int, height: int, prompt: str = "", negative_prompt: str = "") -> Layout:
@@ -482,13 +481,13 @@ def layout_from_official(rewrite: str, width: int, height: int, prompt: str = ""
     """
     name = "official prompt_rewrite"
     if not isinstance(rewrite, str):
-        raise MixOfShowError(f"{name} must be a string, got {_show(rewrite)}")
+        raise MixOfShowError(f"{name}: must be a string, got {_show(rewrite)}")
     pieces = rewrite.split("|")
     while pieces and not pieces[-1].strip():  # a trailing '|', as the official scripts allow
         pieces.pop()
     if not pieces:
-        raise MixOfShowError(f"{name} holds no region; the form is [prompt]-*-[negative prompt]-*-[y0, x0, y1, x1]")
-    regions = []
+        raise MixOfShowError(f"{name}: no region given; the form is [prompt]-*-[negative prompt]-*-[y0, x0, y1, x1]")
+    regions, given = [], []
     for index, piece in enumerate(pieces):
         where = f"regions[{index}]"
         parts = piece.split(OFFICIAL_SEPARATOR)
@@ -503,12 +502,17 @@ def layout_from_official(rewrite: str, width: int, height: int, prompt: str = ""
         else:
             box = [0, 0, width, height]
         regions.append({"prompt": _unbracket(parts[0]), "negative_prompt": _unbracket(parts[1]), "box": box})
+        given.append(parts[2].strip())
     document = {"prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height,
                 "regions": regions}
     try:
         return _layout_from_document(document, Path.cwd(), units="pixels")
     except MixOfShowError as error:
-        raise MixOfShowError(f"{name}: {error}") from None
+        message = f"{name}: {error}"
+        box = re.search(r"regions\[(\d+)\]\.box", message)
+        if box:  # the user wrote y first: show what they wrote next to the converted box
+            message += f" (converted from the official [y0, x0, y1, x1] = {given[int(box.group(1))]})"
+        raise MixOfShowError(message) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
