@@ -235,7 +235,7 @@ def _file(value, where: str, base: Path) -> Path:
     path = _resolve(value, base)
     if not _is_file(path):
         raise MixOfShowError(f"{where}: file {str(path)!r} not found (from {_show(str(value))}); relative paths "
-                             f"are read from the layout file's folder {str(base)!r}")
+                             f"are read from {str(base)!r} (the layout file's folder, or base_dir)")
     return path
 
 
