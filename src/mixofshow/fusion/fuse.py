@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..concept_file import ConceptFile, fingerprint, load_concept
 from ..config import FuseConfig, FusionConcept
 from ..errors import MixOfShowError
-from ..lora import activate, align_module_paths, base_weight, lora_delta, set_lora_scale, target_paths
+from ..lora import activate, align_module_paths, base_weight, lora_delta, remove_lora, set_lora_scale, target_paths
 from ..models import load_base_components
 from ..pipelines import MixOfShowPipeline
 from ..pipelines.pipeline_mixofshow import CONCEPTS_FILE
@@ -164,17 +164,43 @@ def sampler_guidance(config: FuseConfig) -> Guidance | None:
     return Guidance(config.sampling_guidance, config.guided_weight) if config.sampling_guidance > 1 else None
 
 
-def concept_deltas(pipe: MixOfShowPipeline, item: FusionInput) -> dict[str, dict[str, torch.Tensor]]:
-    """`{part: {path: dW}}` of a concept at its scales (float32, on the model's device)."""
-    concept = item.concept
-    deltas = {}
-    for part, model, weights, scale in (
-            ("text_encoder", pipe.text_encoder, concept.text_encoder_lora, item.spec.text_encoder_scale),
-            ("unet", pipe.unet, concept.unet_lora, item.spec.unet_scale)):
-        aligned = align_module_paths(model, weights)
-        deltas[part] = {p: lora_delta(a, b, concept.rank, concept.alpha, scale).to(pipe.device)
-                        for p, (a, b) in aligned.items()}
-    return deltas
+def concept_deltas(pipe: MixOfShowPipeline, item: FusionInput, paths: set[str] | None = None
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """`{part: {path: dW}}` of a concept at its scales (float32, on the model's device), optionally only `paths`.
+
+    Built when a stage needs them and dropped after, so memory does not grow with the number of concepts."""
+    return {part: {path: lora_delta(a.to(pipe.device), b.to(pipe.device), item.concept.rank, item.concept.alpha,
+                                    scale)
+                   for path, (a, b) in lora.items() if paths is None or path in paths}
+            for part, (lora, scale) in concept_loras(pipe, item).items()}
+
+
+def concept_loras(pipe: MixOfShowPipeline, item: FusionInput) -> dict[str, tuple[dict, float]]:
+    """`{part: ({path: (A, B)}, scale)}` of a concept, paths as in the working pipeline's models."""
+    return {"text_encoder": (align_module_paths(pipe.text_encoder, item.concept.text_encoder_lora),
+                             item.spec.text_encoder_scale),
+            "unet": (item.concept.unet_lora, item.spec.unet_scale)}
+
+
+def reference_weights(pipe: MixOfShowPipeline, inputs: list[FusionInput], weights: list[float],
+                      bases: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, dict]:
+    """Weight fusion (`weights`) and the plain sum of the LoRAs, `{part: {path: W}}`, one layer at a time."""
+    loras = [concept_loras(pipe, item) for item in inputs]
+    weight_fused, summed = {}, {}
+    for part, base in bases.items():
+        weight_fused[part], summed[part] = {}, {}
+        for path, w0 in base.items():
+            deltas = []
+            for item, lora in zip(inputs, loras):
+                weights_of_part, scale = lora[part]
+                if path in weights_of_part:
+                    a, b = (t.to(w0.device) for t in weights_of_part[path])
+                    deltas.append(lora_delta(a, b, item.concept.rank, item.concept.alpha, scale))
+                else:
+                    deltas.append(torch.zeros_like(w0, dtype=torch.float32))
+            weight_fused[part][path] = weight_fusion(w0, deltas, weights)
+            summed[part][path] = weight_fusion(w0, deltas, [1.0] * len(deltas))
+    return weight_fused, summed
 
 
 class LayerProblems:
@@ -270,48 +296,40 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise MixOfShowError(f"output folder {out} exists and is not empty: choose another or set overwrite")
 
-    # 1. The base model, and every input checked before any work
+    # 1. The base model (a private copy: the fused weights are written into it), every input checked before any work
     components = copy.deepcopy(components) if components else load_base_components(config.base)
-    clean = copy.deepcopy(components)  # the model the fused weights are written into; `components` gets adapters
     pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
     inputs = prepare_inputs(config, pipe.tokenizer, pipe.num_layers, fingerprint(pipe.tokenizer, pipe.text_encoder,
                                                                                   pipe.unet))
-    # 2. Every concept as a PEFT adapter of one working pipeline (activated one at a time)
+    # 2. Every concept as a PEFT adapter of the working pipeline (activated one at a time)
     for item in inputs:
         pipe.load_concept(item.concept, scale=1.0, name=item.adapter, source=item.spec.path)
     use_adapter(pipe, None)
-    deltas = [concept_deltas(pipe, item) for item in inputs]
-    text_layers = sorted({p for d in deltas for p in d["text_encoder"]})
-    unet_layers = sorted({p for d in deltas for p in d["unet"]})
+    paths = [{part: set(lora) for part, (lora, _) in concept_loras(pipe, item).items()} for item in inputs]
+    unet_layers = sorted(set().union(*(p["unet"] for p in paths)))
     kv_layers = [p for p in unet_layers if p.endswith(KV_SUFFIXES)]
     spatial_layers = [p for p in unet_layers if p not in kv_layers]
     weights = [item.spec.weight if item.spec.weight is not None else 1.0 / len(inputs) for item in inputs]
 
-    text_base = _weights_of(pipe.text_encoder, text_layers)
+    text_base = _weights_of(pipe.text_encoder, sorted(set().union(*(p["text_encoder"] for p in paths))))
     unet_base = _weights_of(pipe.unet, unet_layers)
-    parts = (("text_encoder", text_base), ("unet", unet_base))
-    weight_fused, summed = (
-        {part: {p: weight_fusion(w0, [d[part].get(p, torch.zeros_like(w0)) for d in deltas], w)
-                for p, w0 in base.items()} for part, base in parts}
-        for w in (weights, [1.0] * len(inputs)))
+    weight_fused, summed = reference_weights(pipe, inputs, weights, {"text_encoder": text_base, "unet": unet_base})
     report: dict = {"method": config.method, "layers": {}}
     if config.method == "weight":
         fused_text, fused_unet = weight_fused["text_encoder"], weight_fused["unet"]
     else:
-        fused_text, fused_unet = _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers,
-                                        spatial_layers, (weight_fused, summed), report, progress)
+        fused_text, fused_unet = _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers,
+                                        (weight_fused, summed), report, progress)
+    del weight_fused, summed
 
-    # 3. Write the fused weights and the concept tokens into the clean model, then save atomically
-    for model, fused in ((clean["text_encoder"], fused_text), (clean["unet"], fused_unet)):
+    # 3. Drop the adapters, write the fused weights (the concept tokens are already in), then save atomically
+    for model, fused in ((pipe.text_encoder, fused_text), (pipe.unet, fused_unet)):
+        remove_lora(model)
         with torch.no_grad():
             for path, weight in fused.items():
                 target = base_weight(model, path)
                 target.copy_(weight.to(target.device, target.dtype))
-    fused_pipe = MixOfShowPipeline(**{k: clean[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
-    for item in inputs:
-        for word in item.concept.words:
-            fused_pipe.concepts.add(fused_pipe.tokenizer, fused_pipe.text_encoder, word, item.concept.embeddings[word])
     report.update({
         "inputs": [{"path": i.spec.path, "sha256": i.sha256, "words": list(i.concept.words), "renamed": i.renamed,
                     "unet_scale": i.spec.unet_scale, "text_encoder_scale": i.spec.text_encoder_scale,
@@ -320,17 +338,17 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
         "seconds": round(time.perf_counter() - started, 3),
     })
     concepts_json = {"format": "mixofshow.concepts", "version": 1,
-                     "tokens": fused_pipe.concepts.to_json(fused_pipe.tokenizer),
+                     "tokens": pipe.concepts.to_json(pipe.tokenizer),
                      "concepts": [{"source": i.spec.path, "words": list(i.concept.words), "renamed": i.renamed}
                                   for i in inputs]}
     if process_group()[0] == 0:
-        save_model_folder(fused_pipe, out, {CONCEPTS_FILE: concepts_json, REPORT_FILE: report}, config.overwrite)
+        save_model_folder(pipe, out, {CONCEPTS_FILE: concepts_json, REPORT_FILE: report}, config.overwrite)
     logger.info("fused %d concept(s) with %s fusion into %s in %.1f s", len(inputs), config.method, out,
                 report["seconds"])
     return out
 
 
-def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatial_layers, references, report,
+def _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers, references, report,
            progress):
     """Statistics and solves for gradient / zip / lbfgs: text encoder, then K/V, then the other UNet layers."""
     keep_lists = config.method in ("zip", "lbfgs")
@@ -345,8 +363,9 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
     rank, world = process_group()
     if world > 1 and keep_lists:
         raise MixOfShowError(f"method {config.method!r} runs in one process; use `gradient` with several")
-    runs = [(item, d) for index, (item, d) in enumerate(zip(inputs, deltas)) if index % world == rank]
-    for item, delta in tqdm(runs, desc="concept statistics", disable=not progress):
+    runs = [item for index, item in enumerate(inputs) if index % world == rank]
+    for item in tqdm(runs, desc="concept statistics", disable=not progress):
+        delta = concept_deltas(pipe, item, set(text_base) | set(spatial_layers))
         stats = item.statistics or record_statistics(
             pipe, item, config, concept_prompts(item, config.text_templates),
             concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
@@ -371,21 +390,19 @@ def _solve(config, pipe, inputs, deltas, text_base, unet_base, kv_layers, spatia
         for path, weight in fused_text.items():
             base_weight(pipe.text_encoder, path).copy_(weight)
     kv_problems = LayerProblems({p: unet_base[p] for p in kv_layers}, keep_lists)
-    prompt_sets = [(d["unet"], concept_prompts(item, config.text_templates + config.sampling_templates), 1.0)
-                   for item, d in zip(inputs, deltas)]
+    prompt_sets = [(item, concept_prompts(item, config.text_templates + config.sampling_templates), 1.0)
+                   for item in inputs]
     if config.prior_weight > 0:
-        prompt_sets.append(({}, list(config.prior_prompts), config.prior_weight))
-    for delta, prompts, gram_weight in prompt_sets:
+        prompt_sets.append((None, list(config.prior_prompts), config.prior_weight))
+    for item, prompts, gram_weight in prompt_sets:
+        delta = concept_deltas(pipe, item, set(kv_layers))["unet"] if item else {}
         with torch.no_grad():
             states = pipe.encode_layerwise_prompt(list(dict.fromkeys(prompts)),
                                                   [config.negative_prompt] * len(dict.fromkeys(prompts)))
         grams = cross_attention_grams(pipe.unet, states, kv_layers, sampler_guidance(config))
-        kv_problems.add({p: delta[p] for p in kv_layers if p in delta}, grams, gram_weight)
+        kv_problems.add(delta, grams, gram_weight)
     fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations, weight_fused["unet"])
     fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations, weight_fused["unet"])
-    with torch.no_grad():  # leave the caller's components as they were
-        for path, weight in text_base.items():
-            base_weight(pipe.text_encoder, path).copy_(weight)
 
     report["layers"] = {
         "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"], summed["text_encoder"]),
