@@ -1,5 +1,6 @@
 """The concept file: exact safetensors round trip, atomic writes, refusal of bad files, official .pth import."""
 
+import dataclasses
 import json
 import os
 
@@ -138,7 +139,17 @@ def test_fingerprint_of_the_tiny_model():
         NUM_LAYERS, HIDDEN, HIDDEN, 49408)
     assert fp == fingerprint(*(tiny_components(0)[k] for k in ("tokenizer", "text_encoder", "unet")))
     other = fingerprint(*(tiny_components(1)[k] for k in ("tokenizer", "text_encoder", "unet")))
-    assert other.weights_sha256 != fp.weights_sha256
+    assert fp.same_weights(other) is False
+
+    # The same base in another dtype is the same base (a float32-trained concept samples in float16 on a GPU).
+    for dtype in (torch.float16, torch.bfloat16):
+        components = tiny_components(0)
+        for name in ("text_encoder", "unet"):
+            components[name].to(dtype)
+        assert fp.same_weights(fingerprint(*(components[k] for k in ("tokenizer", "text_encoder", "unet"))))
+    legacy = BaseFingerprint(*dataclasses.astuple(fp)[:4], weights_sha256="ab")
+    assert legacy.same_weights(fp) is None and fp.same_weights(legacy) is None
+    assert legacy.same_weights(BaseFingerprint(*dataclasses.astuple(fp)[:4], weights_sha256="cd")) is False
 
 
 def test_failed_write_leaves_existing_file_and_no_temp(lora_names, tmp_path, monkeypatch):

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--out", help="output folder")
     fuse.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
     fuse.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    fuse.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                      help="dtype of the model the statistics run in and the fused model is saved in (default: "
+                           "float16 on cuda, float32 on cpu); solves are float64 whatever it is")
 
     stats = commands.add_parser("stats", help="compute a concept's fusion statistics on the client")
     stats.add_argument("config", nargs="?", help="YAML/JSON fusion config whose settings the center will use")
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--sampling-steps", type=int)
     stats.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     stats.add_argument("--device", default=None)
+    stats.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="the dtype the center fuses in (default: float16 on cuda, float32 on cpu)")
 
     inspect = commands.add_parser("inspect", help="show what a concept file holds")
     inspect.add_argument("file")
@@ -190,16 +195,15 @@ def run_sample(args) -> None:
 
 def _load_base_on(args):
     """Base components of `args.base_path` on the chosen device."""
-    import torch
 
     from .models import load_base_components
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = _device_and_dtype(args)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # under `accelerate launch`: one device per process
         from accelerate import PartialState
 
         device = PartialState().device
-    components = load_base_components(args.base_path)
+    components = load_base_components(args.base_path, dtype)
     for name in ("unet", "vae", "text_encoder"):
         components[name].to(device)
     return components
@@ -218,7 +222,7 @@ def run_fuse(args) -> None:
     config = load_fuse_config(args.config, concepts=concepts, base=args.base, method=args.method, out=args.out,
                               sampling_steps=args.sampling_steps, overwrite=args.overwrite)
     args.base_path = config.base
-    out = fuse(config, components=_load_base_on(args), progress=not args.quiet)
+    out = fuse(config, components=_load_base_on(args), progress=not args.quiet, copy_components=False)
     print(f"wrote {out}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,15 +25,36 @@ METADATA_KEY = "mixofshow"
 PARTS = ("text_encoder", "unet")
 
 
+PROBE_SIZE = 32  # values sampled from each of two base-model tensors to recognise its weights
+PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-4  # bfloat16 rounding passes; another model's weights do not
+
+
 @dataclass(frozen=True)
 class BaseFingerprint:
-    """What a concept needs from its base model: shapes that must match, and a weights hash that should."""
+    """What a concept needs from its base model: shapes that must match, and weights that should.
+
+    The weights are recognised by a probe (a few values at fixed places), compared with a tolerance, so the same
+    base loaded in float32, float16 or bfloat16 is the same base. `weights_sha256` is what files written before
+    the probe carried; it is read and no longer written."""
 
     cross_attention_layers: int
     text_hidden_size: int
     cross_attention_dim: int
     base_vocab_size: int
     weights_sha256: str = ""
+    weights_probe: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights_probe", tuple(float(v) for v in self.weights_probe))
+
+    def same_weights(self, model: BaseFingerprint) -> bool | None:
+        """Whether `model` has this base's weights; None when the two fingerprints cannot tell."""
+        if self.weights_probe and len(self.weights_probe) == len(model.weights_probe):
+            return torch.allclose(torch.tensor(self.weights_probe), torch.tensor(model.weights_probe),
+                                  rtol=PROBE_RTOL, atol=PROBE_ATOL)
+        if self.weights_sha256 and model.weights_sha256:
+            return self.weights_sha256 == model.weights_sha256
+        return None
 
     def check(self, model: BaseFingerprint, source: str) -> None:
         """Raise if `model` cannot take a concept made for this base; warn if only the weights differ."""
@@ -45,27 +65,29 @@ class BaseFingerprint:
                     f"{source} was trained on another base model: its {name.replace('_', ' ')} is {want}, this "
                     f"model's is {have}. Use the base model the concept was trained on (or retrain the concept)"
                 )
-        if self.weights_sha256 and model.weights_sha256 and self.weights_sha256 != model.weights_sha256:
+        if self.same_weights(model) is False:
             logger.warning(
                 "%s was trained on a base model with the same shapes but other weights (a fine-tune of the same "
                 "family?): it loads, but may look different than in training", source
             )
 
 
+def _probe(tensor: torch.Tensor) -> list[float]:
+    flat = tensor.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, PROBE_SIZE, device=flat.device).long()
+    return [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
+
+
 def fingerprint(tokenizer, text_encoder, unet) -> BaseFingerprint:
     """The fingerprint of a loaded base model (ignores concept tokens already added to it)."""
     table = text_encoder.get_input_embeddings().weight
     base_vocab = text_encoder.config.vocab_size if tokenizer is None else tokenizer.vocab_size
-    digest = hashlib.sha256()
-    # bfloat16 rounding makes the hash the same whether the model was loaded in float32, float16 or bfloat16.
-    for tensor in (table[: min(base_vocab, 4096)], unet.conv_in.weight):
-        digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return BaseFingerprint(
         cross_attention_layers=len(cross_attention_layers(unet)),
         text_hidden_size=text_encoder.config.hidden_size,
         cross_attention_dim=unet.config.cross_attention_dim,
         base_vocab_size=base_vocab,
-        weights_sha256=digest.hexdigest(),
+        weights_probe=tuple(_probe(table[:base_vocab]) + _probe(unet.conv_in.weight)),
     )
 
 

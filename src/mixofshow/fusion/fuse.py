@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "fusion_report.json"
 KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+SHARD_SIZE = "1GB"  # weight files are written one shard at a time: host memory stays below a shard or two
 
 
 @dataclass
@@ -89,7 +90,7 @@ def prepare_inputs(config: FuseConfig, tokenizer, num_layers: int, model_fingerp
     for index, spec in enumerate(config.concepts):
         concept = load_concept(spec.path)
         concept.base.check(model_fingerprint, spec.path)
-        if concept.base.weights_sha256 and concept.base.weights_sha256 != model_fingerprint.weights_sha256:
+        if concept.base.same_weights(model_fingerprint) is False:
             raise MixOfShowError(
                 f"{spec.path} was trained on a base model with other weights than {config.base}: fusing it would "
                 "mix models. Fuse onto the base it was trained on"
@@ -279,13 +280,17 @@ def _weights_of(model, paths) -> dict[str, torch.Tensor]:
     return {p: base_weight(model, p).detach().clone() for p in paths}
 
 
-def fuse(config: FuseConfig, components: dict | None = None, progress: bool = True) -> Path:
+def fuse(config: FuseConfig, components: dict | None = None, progress: bool = True,
+         copy_components: bool = True) -> Path:
     """Fuse the configured concepts into one model folder.
 
     Args:
         config: the fusion config (`load_fuse_config`).
-        components: already-loaded base components instead of loading `config.base` (left unchanged).
+        components: already-loaded base components instead of loading `config.base` (on the device and in the
+            dtype to fuse in).
         progress: show progress bars.
+        copy_components: work on a copy of `components`, leaving them unchanged; False lets the fusion use
+            (and change) them, saving one model's memory.
 
     Returns:
         The output folder: a diffusers pipeline (`StableDiffusionPipeline.from_pretrained`-loadable) plus
@@ -297,7 +302,10 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
         raise MixOfShowError(f"output folder {out} exists and is not empty: choose another or set overwrite")
 
     # 1. The base model (a private copy: the fused weights are written into it), every input checked before any work
-    components = copy.deepcopy(components) if components else load_base_components(config.base)
+    if components is None:
+        components = load_base_components(config.base)
+    elif copy_components:
+        components = copy.deepcopy(components)
     pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
     inputs = prepare_inputs(config, pipe.tokenizer, pipe.num_layers, fingerprint(pipe.tokenizer, pipe.text_encoder,
@@ -424,7 +432,8 @@ def save_model_folder(pipe: MixOfShowPipeline, out: Path, extra_json: dict[str, 
     try:
         StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                 unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False).save_pretrained(building)
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(
+            building, max_shard_size=SHARD_SIZE)
         for name, data in extra_json.items():
             (building / name).write_text(json.dumps(data, indent=1, default=_json_default))
         if out.exists():

@@ -63,11 +63,15 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict
         `{path: (in, in) float64 Gram matrix}`.
     """
     grams = {} if grams is None else grams
+    last = {}  # the latest input and its Gram: q/k/v projections read the same tensor, one Gram serves all three
 
     def hook_for(path: str):
         def hook(module, args):
-            gram = gram_rows(args[0], guidance)
-            grams[path] = grams[path] + gram if path in grams else gram
+            x = args[0]
+            if last.get("input") is not x or last.get("version") != x._version:
+                last.update(input=x, version=x._version, gram=gram_rows(x, guidance))
+            gram = last["gram"]
+            grams[path] = grams[path] + gram if path in grams else gram.clone()
 
         return hook
 
@@ -77,6 +81,7 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
 
 
 def cross_attention_grams(unet, states: torch.Tensor, paths: Iterable[str],
