@@ -1,0 +1,251 @@
+"""Tests for mixofshow.toyworld: renderer, captions, masks, concept folders, rendered sets, classifier, and the
+training script's smoke mode (a loadable pipeline folder)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixofshow.data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
+from mixofshow.toyworld import (
+    ACCESSORIES,
+    BACKGROUNDS,
+    COLOURS,
+    PATTERNS,
+    SHAPES,
+    Scene,
+    ToyObject,
+    caption,
+    random_scene,
+    render,
+    render_with_masks,
+)
+from mixofshow.toyworld.classifier import AttributeClassifier, load_classifier, save_classifier
+from mixofshow.toyworld.concepts import CONCEPTS, get_concept, random_concept_scene, write_concept_folder
+from mixofshow.toyworld.dataset import LABELS, crop_boxes, images_to_tensor, render_set
+from mixofshow.toyworld.train import ToyWorldTrainConfig, config_from_args
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_toyworld.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _scenes(n: int, seed: int = 0) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Renderer.
+
+
+def test_render_is_deterministic():
+    for scene in _scenes(10):
+        first, masks = render_with_masks(scene)
+        second, masks_again = render_with_masks(scene)
+        assert first.size == (64, 64) and first.mode == "RGB"
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+        assert all(np.array_equal(a, b) for a, b in zip(masks, masks_again))
+        assert np.array_equal(np.asarray(render(scene)), np.asarray(first))
+
+
+def test_random_scene_is_seeded():
+    assert _scenes(20, seed=3) == _scenes(20, seed=3)
+    assert _scenes(20, seed=3) != _scenes(20, seed=4)
+
+
+def test_random_scenes_cover_the_world_and_never_draw_concept_details():
+    scenes = _scenes(400)
+    objects = [obj for scene in scenes for obj in scene.objects]
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.colour for o in objects} == set(COLOURS)
+    assert {o.pattern for o in objects} == set(PATTERNS)
+    assert {o.accessory for o in objects} == set(ACCESSORIES)
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+    assert {len(s.objects) for s in scenes} == {1, 2, 3}
+    assert all(o.emblem is None and o.extra is None for o in objects)
+
+
+def test_caption_matches_the_scene():
+    scene = Scene("navy", (
+        ToyObject("circle", "red", "striped", "hat", column="left"),
+        ToyObject("star", "orange", "plain", "glasses", column="right", row="top", size="large"),
+    ))
+    assert caption(scene) == ("a red striped circle with a hat on the left and "
+                              "a large orange star with glasses at the top right, navy background")
+    assert caption(scene, {1: CONCEPT_PLACEHOLDER}) == ("a red striped circle with a hat on the left and "
+                                                        "a large <TOK> with glasses at the top right, navy background")
+    for scene in _scenes(50):
+        text = caption(scene)
+        assert text.endswith(f", {scene.background} background")
+        phrases = text.rsplit(", ", 1)[0].split(" and ")
+        assert len(phrases) == len(scene.objects)
+        for phrase, obj in zip(phrases, scene.objects):
+            words = phrase.split()
+            assert obj.colour in words and obj.shape in words
+            assert (obj.pattern in words) == (obj.pattern != "plain")
+            assert (obj.accessory in words) == (obj.accessory != "none")
+            assert obj.column in words or (obj.column == "center" and obj.row != "middle")
+
+
+def test_masks_cover_the_objects():
+    for scene in _scenes(30, seed=1):
+        image, masks = render_with_masks(scene)
+        pixels = np.asarray(image).astype(int)
+        background = np.asarray(BACKGROUNDS[scene.background])
+        union = np.zeros((64, 64), dtype=bool)
+        for mask in masks:
+            assert mask.sum() > 10
+            assert not (mask & union).any()  # visible parts do not overlap
+            union |= mask
+            # Mostly not background inside the mask (bright dots/stripes of a pattern may come close to it).
+            assert (np.abs(pixels[mask] - background).sum(axis=1) > 30).mean() > 0.7
+        # Outside the masks, grown by two pixels for anti-aliased edges and tips, only background.
+        grown = union.copy()
+        for _ in range(2):
+            grown[1:] |= grown[:-1].copy()
+            grown[:-1] |= grown[1:].copy()
+            grown[:, 1:] |= grown[:, :-1].copy()
+            grown[:, :-1] |= grown[:, 1:].copy()
+        assert (pixels[~grown] == background).all()
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValueError, match="'hexagon'"):
+        ToyObject("hexagon", "red")
+    with pytest.raises(ValueError, match="'teal'"):
+        ToyObject("circle", "teal")
+    with pytest.raises(ValueError, match="one to three"):
+        Scene("white", ())
+    with pytest.raises(ValueError, match="unknown toy concept 'bob'"):
+        get_concept("bob")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Concepts.
+
+
+def test_concepts_are_distinct_with_deliberate_look_alikes():
+    assert len(CONCEPTS) >= 6
+    assert len({c.name for c in CONCEPTS}) == len(CONCEPTS)
+    assert len({(c.class_word, c.colour, c.emblem, c.extra) for c in CONCEPTS}) == len(CONCEPTS)
+    class_words = [c.class_word for c in CONCEPTS]
+    assert any(class_words.count(w) >= 2 for w in class_words)
+    assert get_concept("pip").words == ("<pip1>", "<pip2>")
+    assert get_concept("pip").initializers == ("<rand-0.013>", "circle")
+
+
+def test_concept_folder_is_readable_by_the_trainer(tmp_path):
+    concept = get_concept("nova")
+    folder = write_concept_folder(concept, tmp_path / "nova", n_images=8, seed=0)
+    examples = scan_concept_folder(folder.images, folder.masks)
+    assert len(examples) == 8
+    assert all(CONCEPT_PLACEHOLDER in e.caption for e in examples)
+    assert len({e.caption for e in examples}) > 4  # positions and backgrounds vary
+    dataset = ConceptDataset(examples, 64, "<nova1> <nova2>", flip_p=0.0)
+    sample = dataset.sample(0, torch.Generator().manual_seed(0))
+    assert sample["pixel_values"].shape == (3, 64, 64)
+    assert 0.02 < sample["mask"].mean() < 0.5
+    assert "<nova1> <nova2>" in sample["caption"]
+    info = json.loads((folder.root / "concept.json").read_text())
+    assert info["words"] == ["<nova1>", "<nova2>"] and info["class_word"] == "star"
+    # Same seed, same files; the folder is replaced, not merged.
+    again = write_concept_folder(concept, tmp_path / "nova", n_images=6, seed=0)
+    assert len(scan_concept_folder(again.images, again.masks)) == 6
+    assert (again.images / "00.png").read_bytes() == (tmp_path / "nova" / "images" / "00.png").read_bytes()
+
+
+def test_concept_scenes_always_hold_a_concept():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        scene, picks = random_concept_scene(rng)
+        assert len(picks) == len(scene.objects) and max(picks) >= 0
+        for obj, pick in zip(scene.objects, picks):
+            assert (obj.emblem is not None) == (pick >= 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendered sets, crops, classifier.
+
+
+def test_render_set_does_not_depend_on_workers():
+    one = render_set(24, seed=5, kind="concepts", workers=1, chunk=8)
+    two = render_set(24, seed=5, kind="concepts", workers=2, chunk=8)
+    assert np.array_equal(one.images, two.images) and one.captions == two.captions
+    assert np.array_equal(one.labels, two.labels) and np.array_equal(one.boxes, two.boxes)
+    assert one.labels.shape[1] == 1 + len(LABELS)
+    assert (one.labels[:, -1] > 0).any()  # concept objects are labelled
+    for row in one.labels:
+        text = one.captions[row[0]]
+        assert LABELS["shape"][row[1]] in text and LABELS["background"][row[5]] in text
+
+
+def test_full_box_crop_is_the_image():
+    images = torch.rand(2, 3, 16, 16)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    assert torch.allclose(crop_boxes(images, boxes, 16, scale=1.0), images, atol=1e-5)
+
+
+def test_classifier_predicts_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = AttributeClassifier().eval()
+    rendered = render_set(4, seed=0)
+    predictions = model.predict([render(s) for s in _scenes(3)])
+    assert len(predictions) == 3
+    assert all(p[name] in classes for p in predictions for name, classes in LABELS.items())
+    images = images_to_tensor(rendered.images).float() / 127.5 - 1
+    by_box = model.predict(images[rendered.labels[:, 0]], torch.from_numpy(rendered.boxes))
+    assert len(by_box) == len(rendered.boxes)
+    loaded = load_classifier(save_classifier(model, tmp_path / "c.safetensors"))
+    crops = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for name, logits in model(crops).items():
+            assert torch.allclose(loaded(crops)[name], logits, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training script.
+
+
+def test_command_line_budgets():
+    config = config_from_args(["--steps", "7", "--unet-steps", "9", "--device", "cpu", "--minutes", "3.5"])
+    assert (config.vae_steps, config.text_steps, config.unet_steps, config.classifier_steps) == (7, 7, 9, 7)
+    assert config.minutes == 3.5
+    smoke = config_from_args(["--smoke", "--unet-batch", "2"])
+    assert smoke.unet_batch == 2 and smoke.scenes == ToyWorldTrainConfig.smoke().scenes
+    with pytest.raises(ValueError, match="unet_batch 0"):
+        ToyWorldTrainConfig(unet_batch=0)
+
+
+def test_smoke_run_writes_a_loadable_pipeline(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "toyworld"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--smoke", "--quiet", "--out", str(out)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+    weights = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    assert weights <= 20e6
+    report = json.loads((out / "training_report.json").read_text())
+    assert set(report["stages"]) == {"vae", "text_encoder", "unet", "classifier"}
+    assert all(stage["steps"] == 2 for stage in report["stages"].values())
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert len(pipe.tokenizer) == 49408 and pipe.text_encoder.config.vocab_size == 49408
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on the left, white background", height=64, width=64, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    prediction = load_classifier(out / "classifier.safetensors").predict(image)[0]
+    assert prediction["shape"] in SHAPES
