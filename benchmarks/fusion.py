@@ -124,30 +124,38 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
-class SolveTimer:
-    """Wraps `LayerProblems.solve` while open and sums its wall seconds."""
+class PhaseTimer:
+    """While open, sums the wall seconds spent in the phases of a `fuse` call: the concepts' statistics runs, the
+    per-layer solves and writing the fused folder (by wrapping the functions that do them)."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.seconds = cuda, 0.0
+        self.phases = {"statistics": (fuse_module, "record_statistics"),
+                       "solve": (fuse_module.LayerProblems, "solve"), "save": (fuse_module, "save_model_folder")}
+        self.cuda = cuda
+        self.seconds = dict.fromkeys(self.phases, 0.0)
+        self.originals = {}
 
     def __enter__(self):
-        self.original = original = fuse_module.LayerProblems.solve
-        timer = self
-
-        def timed(problems, *args, **kwargs):
-            sync(timer.cuda)
-            start = time.perf_counter()
-            try:
-                return original(problems, *args, **kwargs)
-            finally:
-                sync(timer.cuda)
-                timer.seconds += time.perf_counter() - start
-
-        fuse_module.LayerProblems.solve = timed
+        for phase, (owner, name) in self.phases.items():
+            self.originals[phase] = original = getattr(owner, name)
+            setattr(owner, name, self._timed(phase, original))
         return self
 
+    def _timed(self, phase: str, original):
+        def timed(*args, **kwargs):
+            sync(self.cuda)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync(self.cuda)
+                self.seconds[phase] += time.perf_counter() - start
+
+        return timed
+
     def __exit__(self, *exc) -> None:
-        fuse_module.LayerProblems.solve = self.original
+        for phase, (owner, name) in self.phases.items():
+            setattr(owner, name, self.originals[phase])
 
 
 def sync(cuda: bool) -> None:
@@ -184,7 +192,7 @@ def measure(components: dict | None, base: str, paths: list[Path], method: str, 
     sampler = RssSampler(limit=args.host_limit_gib * GIB if args.host_limit_gib else None)
     sampler.start()
     folder = None
-    with SolveTimer(cuda) as solve:
+    with PhaseTimer(cuda) as phases:
         start, cpu_start = time.perf_counter(), time.process_time()
         try:
             folder = fuse_module.fuse(config, components=components, progress=False)
@@ -202,7 +210,8 @@ def measure(components: dict | None, base: str, paths: list[Path], method: str, 
         shutil.rmtree(leftover, ignore_errors=True)
     return {
         "n": len(paths), "method": method, "aborted": folder is None, "seconds": seconds, "cpu_seconds": cpu_seconds,
-        "load_average": os.getloadavg()[0], "solve_seconds": solve.seconds,
+        "load_average": os.getloadavg()[0], "solve_seconds": phases.seconds["solve"],
+        "statistics_seconds": phases.seconds["statistics"], "save_seconds": phases.seconds["save"],
         "host_peak_gib": (peak - before) / GIB, "host_before_gib": before / GIB,
         "gpu_peak_gib": (torch.cuda.max_memory_allocated() - gpu_before) / GIB if cuda else None,
         "totals": report.get("totals", {}),
@@ -239,12 +248,13 @@ def print_table(rows: list[dict], args, source: str) -> None:
         iterations += " (the paper's)"
     how = ("loaded by each fuse call from a saved folder (host peak includes the load)" if args.base_from_disk
            else "passed in memory (fuse deep-copies it; the host peak excludes the caller's copy)")
-    print(f"\nFusion, {args.model} random weights (base {how}), sampling {size} px x {args.sampling_steps} "
-          f"steps, L-BFGS iterations text+K/V/other UNet {iterations}, {device}, torch {torch.__version__}, "
+    print(f"\nFusion, {args.model} random weights in {args.dtype} (base {how}), sampling {size} px x "
+          f"{args.sampling_steps} steps, L-BFGS iterations text+K/V/other UNet {iterations}, {device}, "
+          f"torch {torch.__version__}, "
           f"mixofshow at {source}")
-    print("| n | method | seconds | CPU s | solve s | speed-up vs lbfgs (wall / CPU) | host peak GiB | GPU peak GiB "
-          "| objective fused | objective W0 | objective weight fusion | fused / W0 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| n | method | seconds | CPU s | statistics s | solve s | save s | speed-up vs lbfgs (wall / CPU) "
+          "| host peak GiB | GPU peak GiB | objective fused | objective W0 | objective weight fusion | fused / W0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     reference = {r["n"]: r for r in rows if r["method"] == "lbfgs"}
     for r in rows:
         totals = r["totals"]
@@ -257,12 +267,15 @@ def print_table(rows: list[dict], args, source: str) -> None:
         else:
             speed = "—"
         seconds = f"{over}{r['seconds']:.1f}" + (f" (aborted: RSS over {args.host_limit_gib} GiB)" if over else "")
-        print(f"| {r['n']} | {r['method']} | {seconds} | {over}{r['cpu_seconds']:.1f} | {over}"
-              f"{r['solve_seconds']:.2f} | {speed} | {over}{r['host_peak_gib']:.2f} | {fmt(r['gpu_peak_gib'], '.2f')} "
+        print(f"| {r['n']} | {r['method']} | {seconds} | {over}{r['cpu_seconds']:.1f} | "
+              f"{over}{r.get('statistics_seconds', 0):.2f} | {over}{r['solve_seconds']:.2f} | "
+              f"{over}{r.get('save_seconds', 0):.2f} | {speed} | {over}{r['host_peak_gib']:.2f} | "
+              f"{fmt(r['gpu_peak_gib'], '.2f')} "
               f"| {fmt(fused, '.4e')} | {fmt(base, '.4e')} | {fmt(totals.get('objective_weight_fusion'), '.4e')} "
               f"| {fmt(fused / base if fused is not None and base else None, '.4f')} |")
     print(f"seconds = wall time of the fuse call (fastest of {args.repeat}); CPU s = this process's CPU time over "
-          "that call (all threads); solve s = wall time in its per-layer solves; host peak = peak RSS during the "
+          "that call (all threads); statistics / solve / save s = wall time in the concepts' statistics runs, the "
+          "per-layer solves and writing the fused folder; host peak = peak RSS during the "
           "call minus the RSS just before it (largest of the repeats); weight = no statistics and no solve (the "
           "floor of a fuse call)")
     loads = [r["load_average"] for r in rows]
@@ -281,6 +294,8 @@ def main() -> None:
     parser.add_argument("--methods", default="weight,lbfgs,gradient", help="any of weight, lbfgs, gradient, zip")
     parser.add_argument("--sampling-size", type=int, default=None, help="pixels (default: the model's: 32 / 512)")
     parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the base model (statistics runs, saved folder); solves are float64 always")
     parser.add_argument("--lbfgs-text-iterations", type=int, default=PAPER_TEXT_ITERATIONS)
     parser.add_argument("--lbfgs-unet-iterations", type=int, default=PAPER_UNET_ITERATIONS)
     parser.add_argument("--repeat", type=int, default=1, help="runs per (n, method); the fastest is reported")
@@ -293,8 +308,9 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed 1-concept, 1-step warm-up")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    if args.base_from_disk and args.device == "cuda":
-        parser.error("--base-from-disk loads the base on the CPU (fuse's own loading); use it with --device cpu")
+    if args.base_from_disk and (args.device == "cuda" or args.dtype != "float32"):
+        parser.error("--base-from-disk loads the base on the CPU in float32 (fuse's own loading); use it with "
+                     "--device cpu --dtype float32")
     diffusers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -313,9 +329,9 @@ def main() -> None:
             StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False).save_pretrained(base)
             components = None
-        elif args.device == "cuda":
+        else:
             for key in ("unet", "vae", "text_encoder"):
-                components[key].to("cuda")
+                components[key].to(args.device, getattr(torch, args.dtype))
         if not args.no_warmup:
             measure(components, base, paths[:1], "gradient", args, root / "warmup", sampling_steps=1)
         for n in counts:

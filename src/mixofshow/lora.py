@@ -121,14 +121,6 @@ def load_lora(model: torch.nn.Module, weights: LoraWeights, rank: int, alpha: fl
             layer.lora_B[name].weight.copy_(up)
 
 
-def remove_lora(model: torch.nn.Module) -> None:
-    """Put every LoRA layer's base layer back in its place: all adapters dropped, base weights untouched."""
-    for path, layer in lora_layers(model).items():
-        model.set_submodule(path, layer.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-
-
 def activate(model: torch.nn.Module, names: list[str]) -> None:
     """Make exactly these adapters active on every LoRA layer that has them."""
     for layer in lora_layers(model).values():

@@ -64,13 +64,15 @@ def initial_embedding(init: str, tokenizer, embedding_table: torch.Tensor, gener
 
 def check_new_words(tokenizer, words: tuple[str, ...], num_layers: int) -> None:
     """Raise if a word (or one of its layer-wise tokens) already means something to the tokenizer."""
-    vocab = tokenizer.get_vocab()
+    def known(token: str) -> bool:  # (`get_vocab()` would copy the whole vocabulary on every call)
+        return token == tokenizer.unk_token or tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
+
     for word in words:
         if any(c.isspace() for c in word) or not word:
             raise MixOfShowError(f"concept word {word!r} must be one word without spaces, like '<hina1>'")
         ids = tokenizer(word, add_special_tokens=False).input_ids
-        taken = [layer_token_name(word, k) for k in range(num_layers) if layer_token_name(word, k) in vocab]
-        if word in vocab or f"{word}</w>" in vocab or len(ids) == 1 or taken:
+        taken = [layer_token_name(word, k) for k in range(num_layers) if known(layer_token_name(word, k))]
+        if known(word) or known(f"{word}</w>") or len(ids) == 1 or taken:
             raise MixOfShowError(
                 f"concept word {word!r} already exists in the tokenizer{' as ' + taken[0] if taken else ''}: "
                 f"pick a new word, e.g. '<{word.strip('<>')}1>'"

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from ..concept_file import ConceptFile, fingerprint, load_concept
+from ..concept_file import ConceptFile, load_concept
 from ..config import FuseConfig, FusionConcept
 from ..errors import MixOfShowError
-from ..lora import activate, align_module_paths, base_weight, lora_delta, remove_lora, set_lora_scale, target_paths
+from ..lora import align_module_paths, base_weight, check_lora_shapes, lora_delta, target_paths
 from ..models import load_base_components
 from ..pipelines import MixOfShowPipeline
 from ..pipelines.pipeline_mixofshow import CONCEPTS_FILE
@@ -44,11 +45,10 @@ SHARD_SIZE = "1GB"  # weight files are written one shard at a time: host memory 
 
 @dataclass
 class FusionInput:
-    """One concept ready for fusion: its file (words renamed if they collided) and its PEFT adapter name."""
+    """One concept ready for fusion: its file (words renamed if they collided) and where it came from."""
 
     spec: FusionConcept
     concept: ConceptFile
-    adapter: str
     sha256: str
     renamed: dict[str, str]
     statistics: ConceptStatistics | None = None
@@ -80,14 +80,15 @@ def _renamed(word: str, taken: set[str], tokenizer, num_layers: int) -> str:
             candidate = f"<{word.strip('<>')}~{n}>"
 
 
-def prepare_inputs(config: FuseConfig, tokenizer, num_layers: int, model_fingerprint) -> list[FusionInput]:
+def prepare_inputs(config: FuseConfig, pipe: MixOfShowPipeline) -> list[FusionInput]:
     """Load and check every concept (and statistics) file before any model work; rename colliding words."""
+    tokenizer, num_layers, model_fingerprint = pipe.tokenizer, pipe.num_layers, pipe.base_fingerprint
     missing = [c.path for c in config.concepts if not Path(c.path).is_file()]
     missing += [c.stats for c in config.concepts if c.stats and not Path(c.stats).is_file()]
     if missing:
         raise MixOfShowError(f"file(s) not found: {', '.join(missing)}")
     inputs, taken = [], set()
-    for index, spec in enumerate(config.concepts):
+    for spec in config.concepts:
         concept = load_concept(spec.path)
         concept.base.check(model_fingerprint, spec.path)
         if concept.base.same_weights(model_fingerprint) is False:
@@ -95,6 +96,11 @@ def prepare_inputs(config: FuseConfig, tokenizer, num_layers: int, model_fingerp
                 f"{spec.path} was trained on a base model with other weights than {config.base}: fusing it would "
                 "mix models. Fuse onto the base it was trained on"
             )
+        check_lora_shapes(pipe.text_encoder, align_module_paths(pipe.text_encoder, concept.text_encoder_lora),
+                          "text_encoder", spec.path)
+        check_lora_shapes(pipe.unet, concept.unet_lora, "unet", spec.path)
+        for word in concept.words:
+            pipe.concepts.check(tokenizer, pipe.text_encoder, word, concept.embeddings[word])
         if not concept.words and not spec.prompts:
             raise MixOfShowError(f"{spec.path} has no concept words: give its trigger prompts in 'prompts'")
         renamed = {}
@@ -111,7 +117,7 @@ def prepare_inputs(config: FuseConfig, tokenizer, num_layers: int, model_fingerp
                 words=tuple(renamed.get(w, w) for w in concept.words),
                 embeddings={renamed.get(w, w): e for w, e in concept.embeddings.items()},
             )
-        item = FusionInput(spec, concept, f"c{index}", file_sha256(spec.path), renamed)
+        item = FusionInput(spec, concept, file_sha256(spec.path), renamed)
         if spec.stats:
             item.statistics = ConceptStatistics.load(spec.stats)
             recorded_for = item.statistics.metadata.get("concept_sha256")
@@ -131,20 +137,42 @@ def concept_prompts(item: FusionInput, templates: tuple[str, ...]) -> list[str]:
     return list(item.spec.prompts) or [t.format(item.text) for t in templates]
 
 
-def use_adapter(pipe: MixOfShowPipeline, item: FusionInput | None) -> None:
-    """Make the working pipeline one concept's own model (base + its LoRA at its scales), or the base (None)."""
-    for model, scale in ((pipe.text_encoder, item and item.spec.text_encoder_scale),
-                         (pipe.unet, item and item.spec.unet_scale)):
-        activate(model, [item.adapter] if item else [])
-        if item:
-            set_lora_scale(model, item.adapter, scale)
+@contextmanager
+def concept_model(pipe: MixOfShowPipeline, item: FusionInput | None, bases: dict[str, dict[str, torch.Tensor]]):
+    """While open, the working pipeline is concept `item`'s own model (its LoRA at its scales merged into the
+    weights; None: the base). On exit every layer the LoRA touched gets its weight from `bases` back, exactly.
+
+    Merging costs nothing per sampling step, unlike an adapter kept beside the weights."""
+    deltas = concept_deltas(pipe, item) if item else {}
+    try:
+        with torch.no_grad():
+            for part, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
+                for path, delta in deltas.get(part, {}).items():
+                    weight = base_weight(model, path)
+                    weight.copy_((bases[part][path].float() + delta).to(weight.dtype))
+        del deltas
+        yield
+    finally:
+        with torch.no_grad():
+            for part, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
+                for path in (item and concept_loras(pipe, item)[part][0]) or ():
+                    base_weight(model, path).copy_(bases[part][path])
 
 
-def record_statistics(pipe: MixOfShowPipeline, item: FusionInput | None, config: FuseConfig, text_prompts: list[str],
+def statistics_paths(pipe: MixOfShowPipeline, text_layers, unet_layers) -> tuple[list[str], list[str]]:
+    """The layers whose inputs a statistics run records: every LoRA target by default plus the given layers
+    (text encoder; UNet without the cross-attention K/V, whose inputs are the fused text encoder's)."""
+    text_paths = sorted(set(target_paths(pipe.text_encoder, "text_encoder")) | set(text_layers))
+    unet_paths = [p for p in sorted(set(target_paths(pipe.unet, "unet")) | set(unet_layers))
+                  if not p.endswith(KV_SUFFIXES)]
+    return text_paths, unet_paths
+
+
+def record_statistics(pipe: MixOfShowPipeline, config: FuseConfig, text_prompts: list[str],
                       sampling_prompts: list[str], text_paths: list[str], unet_paths: list[str]) -> ConceptStatistics:
-    """A concept's Grams from its own model: text-encoder layers on the encoded prompts (padding and the negative
-    prompt included, as the sampler encodes them), UNet layers (no K/V) over a full sampling run."""
-    use_adapter(pipe, item)
+    """Grams of the pipeline's model as it is (a concept's own model inside `concept_model`): text-encoder layers on
+    the encoded prompts (padding and the negative prompt included, as the sampler encodes them), UNet layers (no
+    K/V) over a full sampling run."""
     stats = ConceptStatistics()
     guidance = sampler_guidance(config)
     ids = pipe.layerwise_input_ids(text_prompts, [config.negative_prompt] * len(text_prompts))  # (L, 2B, T)
@@ -170,8 +198,8 @@ def concept_deltas(pipe: MixOfShowPipeline, item: FusionInput, paths: set[str] |
     """`{part: {path: dW}}` of a concept at its scales (float32, on the model's device), optionally only `paths`.
 
     Built when a stage needs them and dropped after, so memory does not grow with the number of concepts."""
-    return {part: {path: lora_delta(a.to(pipe.device), b.to(pipe.device), item.concept.rank, item.concept.alpha,
-                                    scale)
+    device = pipe.device  # (a walk over every module: once, not per layer)
+    return {part: {path: lora_delta(a.to(device), b.to(device), item.concept.rank, item.concept.alpha, scale)
                    for path, (a, b) in lora.items() if paths is None or path in paths}
             for part, (lora, scale) in concept_loras(pipe, item).items()}
 
@@ -308,12 +336,11 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
         components = copy.deepcopy(components)
     pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
-    inputs = prepare_inputs(config, pipe.tokenizer, pipe.num_layers, fingerprint(pipe.tokenizer, pipe.text_encoder,
-                                                                                  pipe.unet))
-    # 2. Every concept as a PEFT adapter of the working pipeline (activated one at a time)
+    inputs = prepare_inputs(config, pipe)
+    # 2. Every concept's words into the tokenizer; its LoRA is merged into the weights while its statistics run
     for item in inputs:
-        pipe.load_concept(item.concept, scale=1.0, name=item.adapter, source=item.spec.path)
-    use_adapter(pipe, None)
+        for word in item.concept.words:
+            pipe.concepts.add(pipe.tokenizer, pipe.text_encoder, word, item.concept.embeddings[word])
     paths = [{part: set(lora) for part, (lora, _) in concept_loras(pipe, item).items()} for item in inputs]
     unet_layers = sorted(set().union(*(p["unet"] for p in paths)))
     kv_layers = [p for p in unet_layers if p.endswith(KV_SUFFIXES)]
@@ -331,9 +358,8 @@ def fuse(config: FuseConfig, components: dict | None = None, progress: bool = Tr
                                         (weight_fused, summed), report, progress)
     del weight_fused, summed
 
-    # 3. Drop the adapters, write the fused weights (the concept tokens are already in), then save atomically
+    # 3. Write the fused weights (the concept tokens are already in), then save atomically
     for model, fused in ((pipe.text_encoder, fused_text), (pipe.unet, fused_unet)):
-        remove_lora(model)
         with torch.no_grad():
             for path, weight in fused.items():
                 target = base_weight(model, path)
@@ -362,26 +388,28 @@ def _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers
     keep_lists = config.method in ("zip", "lbfgs")
     text_problems = LayerProblems(text_base, keep_lists)
     spatial_problems = LayerProblems({p: unet_base[p] for p in spatial_layers}, keep_lists)
-    text_paths = sorted(set(target_paths(pipe.text_encoder, "text_encoder")) | set(text_base))
-    unet_paths = [p for p in sorted(set(target_paths(pipe.unet, "unet")) | set(spatial_layers))
-                  if not p.endswith(KV_SUFFIXES)]
+    text_paths, unet_paths = statistics_paths(pipe, text_base, spatial_layers)
 
     # Text encoder and spatial layers: each concept's own model (or the client's statistics file)
     # Under `accelerate launch` each process takes every world-th concept; the sums are then added up.
+    bases = {"text_encoder": text_base, "unet": unet_base}
     rank, world = process_group()
     if world > 1 and keep_lists:
         raise MixOfShowError(f"method {config.method!r} runs in one process; use `gradient` with several")
     runs = [item for index, item in enumerate(inputs) if index % world == rank]
     for item in tqdm(runs, desc="concept statistics", disable=not progress):
+        if item.statistics:
+            stats = item.statistics
+        else:
+            with concept_model(pipe, item, bases):
+                stats = record_statistics(pipe, config, concept_prompts(item, config.text_templates),
+                                          concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
         delta = concept_deltas(pipe, item, set(text_base) | set(spatial_layers))
-        stats = item.statistics or record_statistics(
-            pipe, item, config, concept_prompts(item, config.text_templates),
-            concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
         source = item.spec.stats or "the statistics"
         text_problems.add(delta["text_encoder"], stats.grams["text_encoder"], source=source)
         spatial_problems.add(delta["unet"], stats.grams["unet"], source=source)
     if config.prior_weight > 0 and rank == 0:
-        prior = record_statistics(pipe, None, config, list(config.prior_prompts), list(config.prior_prompts),
+        prior = record_statistics(pipe, config, list(config.prior_prompts), list(config.prior_prompts),
                                   text_paths, unet_paths)
         text_problems.add({}, prior.grams["text_encoder"], config.prior_weight)
         spatial_problems.add({}, prior.grams["unet"], config.prior_weight)
@@ -393,7 +421,6 @@ def _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers
                                      weight_fused["text_encoder"])
 
     # Cross-attention K/V: inputs are the fused text encoder's encodings of each concept's prompts
-    use_adapter(pipe, None)
     with torch.no_grad():
         for path, weight in fused_text.items():
             base_weight(pipe.text_encoder, path).copy_(weight)
@@ -476,23 +503,23 @@ def compute_statistics(config: FuseConfig, out: str | Path, components: dict | N
     components = copy.deepcopy(components) if components else load_base_components(config.base)
     pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
-    model_fingerprint = fingerprint(pipe.tokenizer, pipe.text_encoder, pipe.unet)
     (item,) = prepare_inputs(dataclasses.replace(config, concepts=(dataclasses.replace(config.concepts[0],
-                                                                                       stats=None),)),
-                             pipe.tokenizer, pipe.num_layers, model_fingerprint)
-    pipe.load_concept(item.concept, scale=1.0, name=item.adapter, source=item.spec.path)
-    delta = concept_deltas(pipe, item)
-    text_paths = sorted(set(target_paths(pipe.text_encoder, "text_encoder")) | set(delta["text_encoder"]))
-    unet_paths = [p for p in sorted(set(target_paths(pipe.unet, "unet")) | set(delta["unet"]))
-                  if not p.endswith(KV_SUFFIXES)]
-    stats = record_statistics(pipe, item, config, concept_prompts(item, config.text_templates),
-                              concept_prompts(item, config.sampling_templates), text_paths, unet_paths)
+                                                                                       stats=None),)), pipe)
+    for word in item.concept.words:
+        pipe.concepts.add(pipe.tokenizer, pipe.text_encoder, word, item.concept.embeddings[word])
+    layers = {part: sorted(lora) for part, (lora, _) in concept_loras(pipe, item).items()}
+    bases = {"text_encoder": _weights_of(pipe.text_encoder, layers["text_encoder"]),
+             "unet": _weights_of(pipe.unet, layers["unet"])}
+    with concept_model(pipe, item, bases):
+        stats = record_statistics(pipe, config, concept_prompts(item, config.text_templates),
+                                  concept_prompts(item, config.sampling_templates),
+                                  *statistics_paths(pipe, layers["text_encoder"], layers["unet"]))
     stats.metadata = {
         "concept_sha256": item.sha256,
         "concept_path": str(item.spec.path),
         "unet_scale": item.spec.unet_scale,
         "text_encoder_scale": item.spec.text_encoder_scale,
-        "base": dataclasses.asdict(model_fingerprint),
+        "base": dataclasses.asdict(pipe.base_fingerprint),
         "settings": {k: getattr(config, k) for k in ("text_templates", "sampling_templates", "negative_prompt",
                                                       "sampling_steps", "sampling_guidance", "sampling_size",
                                                       "sampling_seed", "guided_weight")},
