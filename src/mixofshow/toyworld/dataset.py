@@ -73,7 +73,7 @@ def _render_range(kind: str, seed: int, start: int, stop: int, size: int):
             labels.append((index, SHAPES.index(obj.shape), LABELS["colour"].index(obj.colour),
                            PATTERNS.index(obj.pattern), ACCESSORIES.index(obj.accessory),
                            LABELS["background"].index(scene.background), pick + 1))
-    return images, captions, boxes, labels
+    return np.stack(images), captions, boxes, labels
 
 
 def render_set(n: int, seed: int = 0, kind: str = "base", size: int = 64, workers: int = 0,
@@ -103,7 +103,7 @@ def render_set(n: int, seed: int = 0, kind: str = "base", size: int = 64, worker
             parts = list(pool.map(_render_range, *zip(*[(kind, seed, a, b, size) for a, b in ranges])))
     else:
         parts = [_render_range(kind, seed, a, b, size) for a, b in ranges]
-    images = np.stack([im for part in parts for im in part[0]])
+    images = np.concatenate([part[0] for part in parts])
     captions = [c for part in parts for c in part[1]]
     boxes = np.asarray([b for part in parts for b in part[2]], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray([label for part in parts for label in part[3]], dtype=np.int64).reshape(-1, 1 + len(LABELS))

@@ -63,7 +63,7 @@ class ToyWorldTrainConfig:
     seed: int = field(default=0, metadata={"help": "seeds the data, the initial weights and the training"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget for the whole run; stages "
                                                                   "stop at their share of it or their step count"})
-    scenes: int = field(default=40000, metadata={"help": "base-world training scenes"})
+    scenes: int = field(default=60000, metadata={"help": "base-world training scenes"})
     concept_scenes: int = field(default=8000, metadata={"help": "scenes with concepts (classifier only)"})
     eval_scenes: int = field(default=1000, metadata={"help": "held-out scenes of each kind for the report"})
     workers: int = field(default=0, metadata={"help": "rendering processes (0: one per CPU core, at most 16)"})
@@ -74,7 +74,7 @@ class ToyWorldTrainConfig:
     text_steps: int = field(default=600, metadata={"help": "text-encoder (contrastive) steps"})
     text_batch: int = field(default=512, metadata={"help": "text-encoder batch size"})
     text_lr: float = field(default=1e-3, metadata={"help": "text-encoder peak learning rate"})
-    unet_steps: int = field(default=4000, metadata={"help": "UNet steps"})
+    unet_steps: int = field(default=6000, metadata={"help": "UNet steps"})
     unet_batch: int = field(default=256, metadata={"help": "UNet batch size"})
     unet_lr: float = field(default=5e-4, metadata={"help": "UNet peak learning rate"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (for guidance)"})
@@ -440,13 +440,17 @@ def _device_tensors(rendered: RenderedSet, device: torch.device) -> tuple[torch.
 
 
 @torch.no_grad()
-def _reconstruct(vae, images: torch.Tensor, amp: bool) -> tuple[torch.Tensor, float]:
+def _reconstruct(vae, images: torch.Tensor, amp: bool, batch: int = 256) -> tuple[torch.Tensor, float]:
     """VAE reconstructions of uint8 images (as uint8) and their PSNR in dB."""
-    x = images.float() / 127.5 - 1
-    with _autocast(images.device, amp):
-        reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    mse = F.mse_loss((reconstruction + 1) / 2, (x + 1) / 2).item()
-    return ((reconstruction + 1) * 127.5).round().to(torch.uint8), 10 * math.log10(1 / max(mse, 1e-12))
+    outputs, squared_error = [], 0.0
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].float() / 127.5 - 1
+        with _autocast(images.device, amp):
+            reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        squared_error += float(((reconstruction - x) / 2).pow(2).sum())
+        outputs.append(((reconstruction + 1) * 127.5).round().to(torch.uint8))
+    mse = squared_error / images.numel()
+    return torch.cat(outputs), 10 * math.log10(1 / max(mse, 1e-12))
 
 
 def _sample_grid(components: dict, prompts: tuple[str, ...], steps: int, seed: int) -> Image.Image:
