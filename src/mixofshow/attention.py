@@ -1,4 +1,5 @@
-"""Attention processors: layer-wise (P+) text conditioning, cross-attention map capture, and the UNet's layer order."""
+"""Attention processors: layer-wise (P+) text conditioning, region-aware cross-attention, attention map capture, and
+the UNet's layer order."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers.models.attention_processor import Attention
 # Both travel with the call (not as processor state), so gradient checkpointing recomputes the same path.
 LAYERWISE_KEY = "layerwise_encoder_hidden_states"
 RECORDER_KEY = "attention_recorder"
+REGIONS_KEY = "regional_attention"
 
 
 def cross_attention_layers(unet) -> list[tuple[str, Attention]]:
@@ -51,6 +53,46 @@ class AttentionMapRecorder:
         self.maps.append(probs.gather(2, index))
 
 
+class RegionalAttention:
+    """Region prompts for region-aware cross-attention (Mix-of-Show regional sampling).
+
+    In every cross-attention layer the global output h is computed as usual; each region i's output h_i is the same
+    layer's attention from the same queries to region i's prompt encoding, and inside region i's mask h is replaced
+    by h_i (averaged where masks overlap; a soft mask blends). Attention is per query, so this equals attending from
+    the region's cropped features alone. Pass it as `cross_attention_kwargs={REGIONS_KEY: regional}`.
+
+    Args:
+        states: `(R, L, B, T, D)` region prompt encodings, batched like the global ones (negatives first under
+            guidance, so the unconditional branch reads each region's negative prompt); L is 1 when no region uses a
+            layer-wise word.
+        masks: `(R, h, w)` region masks in [0, 1] at the latent resolution.
+    """
+
+    def __init__(self, states: torch.Tensor, masks: torch.Tensor):
+        if states.shape[0] != masks.shape[0]:
+            raise ValueError(f"{states.shape[0]} region encodings but {masks.shape[0]} masks")
+        self.states = states
+        self.masks = masks
+        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(R, 1, tokens, 1)` per-region weights (normalised where regions overlap) and `(1, tokens, 1)` coverage
+        for a layer whose feature map has `tokens` positions (the latent map downsampled by a power of two)."""
+        if tokens not in self._weights:
+            masks = self.masks[:, None].float()
+            while masks.shape[-2] * masks.shape[-1] > tokens:  # UNet downsampling rounds odd sizes up
+                masks = F.interpolate(masks, size=(-(-masks.shape[-2] // 2), -(-masks.shape[-1] // 2)), mode="area")
+            if masks.shape[-2] * masks.shape[-1] != tokens:
+                raise ValueError(f"no downsampling of the {tuple(self.masks.shape[1:])} region masks has {tokens} "
+                                 "positions")
+            masks = masks.flatten(1)[..., None]  # (R, tokens, 1)
+            cover = masks.sum(0, keepdim=True)
+            weights = (masks / cover.clamp_min(1e-8))[:, None]
+            self._weights[tokens] = (weights, cover.clamp_max(1.0))
+        weights, cover = self._weights[tokens]
+        return weights.to(like.device, like.dtype), cover.to(like.device, like.dtype)
+
+
 class MixOfShowAttnProcessor:
     """Scaled-dot-product attention that lets each cross-attention layer read its own prompt encoding.
 
@@ -73,6 +115,7 @@ class MixOfShowAttnProcessor:
         temb: torch.Tensor | None = None,
         layerwise_encoder_hidden_states: torch.Tensor | None = None,
         attention_recorder: AttentionMapRecorder | None = None,
+        regional_attention: RegionalAttention | None = None,
     ) -> torch.Tensor:
         if self.layer_index is not None and layerwise_encoder_hidden_states is not None:
             layers = layerwise_encoder_hidden_states
@@ -122,6 +165,8 @@ class MixOfShowAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+        if regional_attention is not None and self.layer_index is not None:
+            hidden_states = self.apply_regions(attn, query, hidden_states, regional_attention)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -129,6 +174,33 @@ class MixOfShowAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+    def apply_regions(self, attn: Attention, query: torch.Tensor, hidden_states: torch.Tensor,
+                      regional: RegionalAttention) -> torch.Tensor:
+        """Replace the global attention output inside each region by the attention to the region's prompt.
+
+        `query` is `(B, heads, N, d)`, `hidden_states` the global output `(B, N, C)` before the output projection
+        (which is affine, so blending before it is blending after it)."""
+        batch, heads, tokens, head_dim = query.shape
+        layers = regional.states.shape[1]
+        states = regional.states[:, self.layer_index if layers > 1 else 0]  # (R, B, T, D)
+        regions = states.shape[0]
+        states = states.reshape(regions * batch, *states.shape[2:]).to(query.dtype)
+        if attn.norm_cross:
+            states = attn.norm_encoder_hidden_states(states)
+        key, value = (x.view(regions * batch, -1, heads, head_dim).transpose(1, 2)
+                      for x in (attn.to_k(states), attn.to_v(states)))
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = query.unsqueeze(0).expand(regions, -1, -1, -1, -1).reshape(regions * batch, heads, tokens, head_dim)
+        if self.explicit_softmax:
+            region_states = (query @ key.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ value
+        else:
+            region_states = F.scaled_dot_product_attention(query, key, value)
+        region_states = region_states.transpose(1, 2).reshape(regions, batch, tokens, heads * head_dim)
+        weights, cover = regional.weights(tokens, hidden_states)  # (R, 1, N, 1), (1, N, 1)
+        return hidden_states * (1 - cover) + (weights * region_states).sum(0)
 
 
 def install_processors(unet, explicit_softmax: bool = False) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .tokenizer import load_clip_tokenizer
@@ -104,6 +104,31 @@ def sd15_components(seed: int = 0) -> dict:
         sample_size=512,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}
+
+
+def random_t2i_adapter(components: dict, seed: int = 0, in_channels: int = 3) -> T2IAdapter:
+    """A random T2I-Adapter whose features fit `components`' UNet (one feature map per down block)."""
+    torch.manual_seed(seed)
+    unet, vae = components["unet"], components["vae"]
+    adapter = T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels),
+                         num_res_blocks=1, downscale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                         adapter_type="full_adapter")
+    with torch.no_grad():  # diffusers starts some layers at zero; make every feature matter
+        for parameter in adapter.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return adapter
+
+
+def random_controlnet(components: dict, seed: int = 0) -> ControlNetModel:
+    """A random ControlNet for `components`' UNet (its zero convolutions made nonzero so it changes the output)."""
+    torch.manual_seed(seed)
+    factor_steps = len(components["vae"].config.block_out_channels) - 1  # condition image -> latent: 2**steps
+    channels = tuple(8 * 2 ** i for i in range(factor_steps + 1))
+    controlnet = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=channels)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return controlnet
 
 
 def save_tiny_base(path, seed: int = 0):

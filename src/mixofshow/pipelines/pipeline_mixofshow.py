@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -18,12 +21,14 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from ..attention import LAYERWISE_KEY, install_processors
+from ..attention import LAYERWISE_KEY, REGIONS_KEY, RegionalAttention, install_processors
 from ..concept_file import ConceptFile, fingerprint, load_concept
 from ..errors import MixOfShowError
+from ..layout import Layout
 from ..lora import activate, align_module_paths, check_lora_shapes, load_lora, lora_layers, set_lora_scale
 from ..models import load_base_components
 from ..tokens import ConceptVocabulary, encode_layerwise
+from .regional import ConditionResiduals, RegionPrompts, SpatialCondition, load_spatial_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +159,8 @@ class MixOfShowPipeline(StableDiffusionPipeline):
     # -- sampling -------------------------------------------------------------------------------------------------
 
     def check_sampling_inputs(self, prompts: list[str], negatives: list[str], height: int, width: int, steps: int,
-                              guidance_scale: float) -> None:
+                              guidance_scale: float, regions: RegionPrompts | None = None,
+                              conditions: Sequence[SpatialCondition] = ()) -> None:
         """Raise `MixOfShowError` naming the bad value before any model work."""
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for label, value in (("height", height), ("width", width)):
@@ -162,10 +168,37 @@ class MixOfShowPipeline(StableDiffusionPipeline):
                 raise MixOfShowError(f"{label} must be a positive multiple of {multiple} for this model, got {value}")
         if not isinstance(steps, int) or steps < 1:
             raise MixOfShowError(f"steps must be a positive integer, got {steps}")
-        if not torch.isfinite(torch.tensor(float(guidance_scale))):
+        if not math.isfinite(float(guidance_scale)):
             raise MixOfShowError(f"guidance must be a finite number, got {guidance_scale}")
-        for text in prompts + negatives:
+        texts = [("prompt", p) for p in prompts] + [("negative_prompt", n) for n in negatives]
+        if regions is not None:
+            texts += [(f"regions[{i}].prompt", p) for i, p in enumerate(regions.prompts)]
+            texts += [(f"regions[{i}].negative_prompt", n) for i, n in enumerate(regions.negative_prompts)]
+            if tuple(regions.masks.shape[1:]) != (height, width):
+                raise MixOfShowError(f"region masks are {tuple(regions.masks.shape[1:])} (height, width) but the "
+                                     f"image is {(height, width)}: make them the image's size")
+            for i, weight in enumerate(regions.adapter_weights):
+                if not math.isfinite(float(weight)):
+                    raise MixOfShowError(f"regions[{i}].adapter_weight must be a finite number, got {weight}")
+        for label, text in texts:
+            self.check_prompt_text(label, text)
+        for condition in conditions:
+            if not math.isfinite(float(condition.weight)):
+                raise MixOfShowError(f"{condition.name}: weight must be a finite number, got {condition.weight}")
+            if tuple(condition.image.shape[-2:]) != (height, width):
+                raise MixOfShowError(f"{condition.name}: the condition image is {condition.image.shape[-1]}x"
+                                     f"{condition.image.shape[-2]} but the image is {width}x{height}: resize it")
+
+    def check_prompt_text(self, label: str, text: str) -> None:
+        """Raise if a prompt uses unknown concept words or is longer than the text encoder reads."""
+        try:
             self.concepts.check_prompt(text)
+        except MixOfShowError as error:
+            raise MixOfShowError(f"{label}: {error}") from None
+        length = len(self.tokenizer(self.concepts.bind(text)).input_ids)
+        if length > self.tokenizer.model_max_length:
+            raise MixOfShowError(f"{label} is {length} tokens long but the text encoder reads "
+                                 f"{self.tokenizer.model_max_length} (start and end included): shorten it")
 
     def layerwise_input_ids(self, prompts: list[str], negatives: list[str] | None) -> torch.Tensor:
         """Token ids of prompts (and negatives) once per cross-attention layer: `(L, B, T)` or `(L, 2B, T)` with the
@@ -185,18 +218,63 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         """
         return encode_layerwise(self.text_encoder, self.layerwise_input_ids(prompts, negatives))
 
-    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
-                      guidance_scale: float) -> torch.Tensor:
-        """One UNet evaluation with classifier-free guidance; `states` from `encode_layerwise_prompt`."""
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor, guidance_scale: float,
+                      regional: RegionalAttention | None = None,
+                      residuals: ConditionResiduals | None = None) -> torch.Tensor:
+        """One UNet evaluation with classifier-free guidance; `states` from `encode_layerwise_prompt`, optional
+        region prompts and spatial-condition residuals."""
         guided = guidance_scale > 1.0
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else None
-        noise = self.unet(model_input, t, encoder_hidden_states=states[0], cross_attention_kwargs=kwargs).sample
+        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
+        if regional is not None:
+            kwargs[REGIONS_KEY] = regional
+        extra = residuals.unet_kwargs(model_input, t, states[0], guided) if residuals is not None else {}
+        noise = self.unet(model_input, t, encoder_hidden_states=states[0], cross_attention_kwargs=kwargs or None,
+                          **extra).sample
         if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
         return noise
+
+    def regional_attention(self, regions: RegionPrompts, batch: int, guided: bool, height: int,
+                           width: int) -> RegionalAttention:
+        """Region prompts encoded per layer like the global ones (negatives first under guidance), and their masks
+        at the latent resolution."""
+        encodings = [self.encode_layerwise_prompt([p] * batch, [n] * batch if guided else None)
+                     for p, n in zip(regions.prompts, regions.negative_prompts)]
+        layers = max(e.shape[0] for e in encodings)
+        states = torch.stack([e.expand(layers, -1, -1, -1) for e in encodings])  # (R, L, B, T, D)
+        size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        masks = F.interpolate(regions.masks[:, None].float(), size=size, mode="area")[:, 0]
+        return RegionalAttention(states.to(self._execution_device, self.unet.dtype), masks)
+
+    def sample_layout(self, layout: Layout, conditions: Sequence[SpatialCondition] | None = None,
+                      num_images: int = 1, output_type: str = "pil", progress: bool = True,
+                      ) -> StableDiffusionPipelineOutput:
+        """Sample a layout: global prompt, regions, spatial conditions, size, steps, guidance, scheduler, seed.
+
+        Args:
+            layout: a `Layout` (`mixofshow.layout.load_layout`).
+            conditions: already-loaded spatial conditions; default: load the layout's models (after every prompt
+                has been checked against this model).
+            num_images: images to sample.
+            output_type: "pil", "np", "pt" or "latent".
+            progress: show a progress bar.
+        """
+        regions = RegionPrompts.from_layout(layout)
+        self.check_sampling_inputs([layout.prompt], [layout.negative_prompt], layout.height, layout.width,
+                                   layout.steps, layout.guidance, regions)
+        if layout.scheduler:
+            self.use_scheduler(layout.scheduler)
+        if conditions is None:
+            conditions = load_spatial_conditions(layout, self.unet.dtype)
+        for condition in conditions:
+            condition.model.to(self._execution_device)
+        return self(layout.prompt, layout.negative_prompt, height=layout.height, width=layout.width,
+                    num_inference_steps=layout.steps, guidance_scale=layout.guidance, seed=layout.seed,
+                    num_images_per_prompt=num_images, output_type=output_type, progress=progress, regions=regions,
+                    conditions=conditions)
 
     @torch.no_grad()
     def __call__(
@@ -213,6 +291,8 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        regions: RegionPrompts | None = None,
+        conditions: Sequence[SpatialCondition] = (),
     ) -> StableDiffusionPipelineOutput:
         """Sample images.
 
@@ -228,6 +308,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             latents: initial noise `(B, C, h, w)` instead of drawing it.
             output_type: "pil", "np", "pt" or "latent".
             progress: show a progress bar.
+            regions: region prompts with masks (regionally controllable sampling); the global prompt keeps the
+                pixels outside every region.
+            conditions: spatial conditions (T2I-Adapters, ControlNets) with their images and weights.
 
         Returns:
             `StableDiffusionPipelineOutput` with `images`.
@@ -242,13 +325,17 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
-        self.check_sampling_inputs(prompts, negatives, height, width, num_inference_steps, guidance_scale)
+        self.check_sampling_inputs(prompts, negatives, height, width, num_inference_steps, guidance_scale, regions,
+                                   conditions)
         device = self._execution_device
 
-        # 2. Encode the prompts once per cross-attention layer
+        # 2. Encode the prompts (and the region prompts) once per cross-attention layer; spatial conditions
         guided = guidance_scale > 1.0
         states = self.encode_layerwise_prompt(prompts, negatives if guided else None)
         states = states.to(device, self.unet.dtype)
+        regional = self.regional_attention(regions, len(prompts), guided, height, width) if regions else None
+        residuals = (ConditionResiduals(conditions, regions, height, width, len(prompts), device, self.unet.dtype)
+                     if conditions else None)
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -263,7 +350,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
 
         # 5. Denoising loop
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
-            noise = self.predict_noise(latents, t, states, guidance_scale)
+            noise = self.predict_noise(latents, t, states, guidance_scale, regional, residuals)
             latents = self.scheduler.step(noise, t, latents).prev_sample
 
         # 6. Decode
