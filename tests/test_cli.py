@@ -48,10 +48,27 @@ def test_sample_several_images_and_scheduler(base, tmp_path):
     assert (tmp_path / "cat_0.png").is_file() and (tmp_path / "cat_1.png").is_file()
 
 
+def test_sample_a_layout_with_its_preview(base, tmp_path, capsys):
+    layout = tmp_path / "scene.yaml"
+    layout.write_text("prompt: two friends\nwidth: 32\nheight: 32\nsteps: 2\nseed: 1\nregions:\n"
+                      "  - {prompt: a red cat, box: [0, 0, 0.5, 1]}\n  - {prompt: a dog, box: [16, 0, 32, 32]}\n")
+    out = tmp_path / "scene.png"
+    assert main(["--quiet", "sample", "--base", str(base), "--layout", str(layout), "--out", str(out), "--seed",
+                 "14", "--save-layout-preview"]) == 0
+    assert out.is_file() and (tmp_path / "scene.layout.png").is_file()
+    layout.write_text("prompt: two friends\nregions:\n  - {prompt: a <nobody1>, box: [0, 0, 0.5, 1]}\n")
+    capsys.readouterr()
+    assert main(["--quiet", "sample", "--base", str(base), "--layout", str(layout), "--out", str(out)]) == 2
+    assert "<nobody1>" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["sample", "--prompt", "x"], "exactly one of --model"),
+        (["sample", "--base", "BASE"], "exactly one of --prompt"),
+        (["sample", "--base", "BASE", "--prompt", "x", "--layout", "scene.yaml"], "exactly one of --prompt"),
+        (["sample", "--base", "BASE", "--layout", "/nowhere/scene.yaml"], "scene.yaml"),
         (["sample", "--base", "BASE", "--concept", "missing.safetensors", "--prompt", "x"], "not found"),
         (["sample", "--base", "BASE", "--prompt", "a <nobody1>", "--steps", "1"], "<nobody1>"),
         (["sample", "--base", "BASE", "--prompt", "x", "--height", "33"], "height"),

@@ -23,13 +23,19 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--scale", type=float, nargs="+", default=None,
                        help="LoRA scale per concept (one value applies to all; default 1.0)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--prompt", required=True)
+    sampling.add_argument("--prompt", help="the prompt (or give --layout)")
+    sampling.add_argument("--layout", help="a layout file (YAML/JSON): global prompt, regions, spatial conditions, "
+                                           "size, steps, guidance, scheduler, seed")
+    sampling.add_argument("--save-layout-preview", action="store_true",
+                          help="with --layout: also write the regions drawn over the condition image to "
+                               "OUT_STEM.layout.png (written before any model loads)")
     sampling.add_argument("--negative-prompt", default="")
     sampling.add_argument("--steps", type=int, default=50)
     sampling.add_argument("--guidance", type=float, default=7.5)
     sampling.add_argument("--height", type=int, default=None)
     sampling.add_argument("--width", type=int, default=None)
-    sampling.add_argument("--seed", type=int, default=0, help="seeds a CPU generator: same seed, same image anywhere")
+    sampling.add_argument("--seed", type=int, default=None,
+                          help="seeds a CPU generator: same seed, same image anywhere (default: the layout's, or 0)")
     sampling.add_argument("--scheduler", default=None, help="ddim, dpm++, euler, euler_a or pndm")
     sampling.add_argument("--num-images", type=int, default=1)
     sampling.add_argument("--out", default="sample.png", help="image file; several images get _0, _1, ... suffixes")
@@ -168,11 +174,18 @@ def run_sample(args) -> None:
         raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
     if args.scheduler and args.scheduler not in SCHEDULERS:
         raise MixOfShowError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if bool(args.prompt) == bool(args.layout):
+        raise MixOfShowError("give exactly one of --prompt TEXT or --layout FILE")
+    layout = _read_layout(args) if args.layout else None
+    texts = [args.prompt, args.negative_prompt]
+    if layout:
+        texts = [layout.prompt, layout.negative_prompt, *(r.prompt for r in layout.regions),
+                 *layout.region_negative_prompts()]
     concepts = [load_concept(path) for path in args.concept]  # small files: read and checked before the model
     if args.base:
         vocabulary = ConceptVocabulary(num_layers=1)
         vocabulary.tokens = {w: None for c in concepts for w in c.words}
-        for text in (args.prompt, args.negative_prompt):
+        for text in texts:
             vocabulary.check_prompt(text)
     device, dtype = _device_and_dtype(args)
     pipe = MixOfShowPipeline.from_base(args.model or args.base, dtype=dtype)
@@ -182,15 +195,36 @@ def run_sample(args) -> None:
         pipe.use_scheduler(args.scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, seed=args.seed).images
+    if layout:
+        images = pipe.sample_layout(layout, num_images=args.num_images).images
+    else:
+        images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      num_images_per_prompt=args.num_images, seed=0 if args.seed is None else args.seed).images
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         image.save(path)
         print(f"wrote {path}")
+
+
+def _read_layout(args):
+    """The layout file, checked, with --seed / --scheduler overriding its own; its preview written if asked."""
+    import dataclasses
+
+    from .layout import draw_layout_preview, load_layout
+
+    layout = load_layout(args.layout)
+    layout = dataclasses.replace(layout, seed=layout.seed if args.seed is None else args.seed,
+                                 scheduler=args.scheduler or layout.scheduler)
+    if args.save_layout_preview:
+        out = Path(args.out)
+        preview = out.with_name(f"{out.stem}.layout.png")
+        preview.parent.mkdir(parents=True, exist_ok=True)
+        draw_layout_preview(layout).save(preview)
+        print(f"wrote {preview}")
+    return layout
 
 
 def _load_base_on(args):
