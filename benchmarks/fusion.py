@@ -298,6 +298,8 @@ def main() -> None:
                         help="dtype of the base model (statistics runs, saved folder); solves are float64 always")
     parser.add_argument("--lbfgs-text-iterations", type=int, default=PAPER_TEXT_ITERATIONS)
     parser.add_argument("--lbfgs-unet-iterations", type=int, default=PAPER_UNET_ITERATIONS)
+    parser.add_argument("--lbfgs-max-concepts", type=int, default=None,
+                        help="run the lbfgs reference only up to this many concepts (it is the slow one)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per (n, method); the fastest is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--host-limit-gib", type=float, default=None,
@@ -318,6 +320,10 @@ def main() -> None:
     source = source_state()
     methods = args.methods.split(",")
 
+    def methods_for(n: int) -> list[str]:
+        limit = args.lbfgs_max_concepts
+        return [m for m in methods if m != "lbfgs" or limit is None or n <= limit]
+
     components = sd15_components() if args.model == "sd15" else tiny_components()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp:
@@ -335,16 +341,16 @@ def main() -> None:
         if not args.no_warmup:
             measure(components, base, paths[:1], "gradient", args, root / "warmup", sampling_steps=1)
         for n in counts:
-            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            runs: dict[str, list[dict]] = {m: [] for m in methods_for(n)}
             for _ in range(args.repeat):  # repeats interleave the methods, so each sees the same spells of load
-                for method in methods:
+                for method in methods_for(n):
                     r = measure(components, base, paths[:n], method, args, root / "fused")
                     runs[method].append(r)
                     print(f"  n={n} {method}: {r['seconds']:.1f} s, CPU {r['cpu_seconds']:.1f} s (solve "
                           f"{r['solve_seconds']:.2f} s), host peak +{r['host_peak_gib']:.2f} GiB, objective "
                           f"{r['totals'].get('objective_fused')}, load {r['load_average']:.2f}",
                           file=sys.stderr, flush=True)
-            for method in methods:
+            for method in methods_for(n):
                 aborted = [r for r in runs[method] if r["aborted"]]
                 best = aborted[0] if aborted else min(runs[method], key=lambda r: r["seconds"])
                 rows.append({**best, "host_peak_gib": max(r["host_peak_gib"] for r in runs[method]),
