@@ -26,18 +26,21 @@ for stage in $STAGES; do
       timeout "${FUSION_TIMEOUT:-170}" python benchmarks/fusion.py --model "$MODEL" --device "$DEVICE" \
         --dtype "${FUSION_HALF:-float16}" --concepts "${FUSION_CONCEPTS:-3,14}" --methods weight,lbfgs,gradient \
         --lbfgs-max-concepts 3 --lbfgs-text-iterations 50 --lbfgs-unet-iterations 10 \
-        --json "$OUT/fusion-half.json" 2>&1 | quiet | tee "$OUT/fusion-half.txt"
+        2>&1 | quiet | tee "$OUT/fusion-half.txt"
       timeout "${FUSION_TIMEOUT:-170}" python benchmarks/fusion.py --model "$MODEL" --device "$DEVICE" \
         --dtype float32 --concepts "${FUSION_CONCEPTS:-3,14}" --methods gradient \
-        --json "$OUT/fusion-float32.json" 2>&1 | quiet | tee "$OUT/fusion-float32.txt" ;;
+        2>&1 | quiet | tee "$OUT/fusion-float32.txt" ;;
     toyworld)
       timeout "${TOYWORLD_TIMEOUT:-300}" python scripts/train_toyworld.py --device "$DEVICE" \
         --minutes "${TOYWORLD_MINUTES:-3.5}" --out "$OUT/toyworld" ${TOYWORLD_FLAGS:-} 2>&1 | quiet \
-        | tr '\r' '\n' | grep -v "it/s" | tail -60 | tee "$OUT/toyworld.txt" ;;
+        | tr '\r' '\n' | grep -v "it/s" | tail -60 | tee "$OUT/toyworld.txt"
+      # At most 8 files of 16 MiB come back from $OUT: the ~20 MB folder travels as 15 MB pieces
+      # (here: cat toyworld.tar.gz.part-* | tar -xz -C src/mixofshow/assets).
+      tar -C "$OUT" -czf - toyworld | split -b 15M - "$OUT/toyworld.tar.gz.part-" && rm -rf "$OUT/toyworld" ;;
     train_step)
       timeout "${TRAIN_TIMEOUT:-360}" python benchmarks/train_step.py --device "$DEVICE" --resolution 512 \
         --batch-size 2 --precision "${PRECISION:-fp16}" --steps 20 --warmup 5 \
         --variants "${VARIANTS:-reference,ours,ours+compile}" 2>&1 | quiet | tee "$OUT/train_step.txt" ;;
   esac
-  echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT/stages.txt"
+  echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
 done

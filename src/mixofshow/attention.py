@@ -73,13 +73,15 @@ class RegionalAttention:
             raise ValueError(f"{states.shape[0]} region encodings but {masks.shape[0]} masks")
         self.states = states
         self.masks = masks
-        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def weights(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(R, 1, tokens, 1)` per-region weights (normalised where regions overlap) and `(1, tokens, 1)` coverage
-        for a layer whose feature map has `tokens` positions (the latent map downsampled by a power of two)."""
-        if tokens not in self._weights:
-            masks = self.masks[:, None].float()
+        for a layer whose feature map has `tokens` positions (the latent map downsampled by a power of two), on
+        `like`'s device and in its dtype (made once per resolution: no copy per layer call)."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._weights:
+            masks = self.masks[:, None].to(like.device, torch.float32)
             while masks.shape[-2] * masks.shape[-1] > tokens:  # UNet downsampling rounds odd sizes up
                 masks = F.interpolate(masks, size=(-(-masks.shape[-2] // 2), -(-masks.shape[-1] // 2)), mode="area")
             if masks.shape[-2] * masks.shape[-1] != tokens:
@@ -88,9 +90,8 @@ class RegionalAttention:
             masks = masks.flatten(1)[..., None]  # (R, tokens, 1)
             cover = masks.sum(0, keepdim=True)
             weights = (masks / cover.clamp_min(1e-8))[:, None]
-            self._weights[tokens] = (weights, cover.clamp_max(1.0))
-        weights, cover = self._weights[tokens]
-        return weights.to(like.device, like.dtype), cover.to(like.device, like.dtype)
+            self._weights[key] = (weights.to(like.dtype), cover.clamp_max(1.0).to(like.dtype))
+        return self._weights[key]
 
 
 class MixOfShowAttnProcessor:

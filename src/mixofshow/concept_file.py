@@ -74,7 +74,7 @@ class BaseFingerprint:
 
 def _probe(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, PROBE_SIZE, device=flat.device).long()
+    index = torch.arange(PROBE_SIZE, device=flat.device) * (flat.numel() - 1) // (PROBE_SIZE - 1)  # exact ints
     return [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
 
 

@@ -246,8 +246,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         layers = max(e.shape[0] for e in encodings)
         states = torch.stack([e.expand(layers, -1, -1, -1) for e in encodings])  # (R, L, B, T, D)
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        masks = F.interpolate(regions.masks[:, None].float(), size=size, mode="area")[:, 0]
-        return RegionalAttention(states.to(self._execution_device, self.unet.dtype), masks)
+        device = self._execution_device
+        masks = F.interpolate(regions.masks[:, None].to(device, torch.float32), size=size, mode="area")[:, 0]
+        return RegionalAttention(states.to(device, self.unet.dtype), masks)
 
     def sample_layout(self, layout: Layout, conditions: Sequence[SpatialCondition] | None = None,
                       num_images: int = 1, output_type: str = "pil", progress: bool = True,
