@@ -131,6 +131,13 @@ class Layout:
                               for c in self.conditions]
         return data
 
+    def dumps(self, json_format: bool = False) -> str:
+        """The layout file's text: YAML (or JSON), exactly what `save` writes and `load_layout` reads."""
+        data = self.to_dict()
+        if json_format:
+            return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
+
     def save(self, path: str | Path) -> Path:
         """Write the layout atomically: JSON for a `.json` path, YAML otherwise.
 
@@ -141,11 +148,7 @@ class Layout:
             The path written.
         """
         path = Path(path)
-        data = self.to_dict()
-        if path.suffix == ".json":
-            text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-        else:
-            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
+        text = self.dumps(json_format=path.suffix == ".json")
         temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

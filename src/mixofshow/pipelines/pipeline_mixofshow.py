@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -252,7 +252,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
 
     def sample_layout(self, layout: Layout, conditions: Sequence[SpatialCondition] | None = None,
                       num_images: int = 1, output_type: str = "pil", progress: bool = True,
-                      ) -> StableDiffusionPipelineOutput:
+                      callback_on_step_end: Callable | None = None) -> StableDiffusionPipelineOutput:
         """Sample a layout: global prompt, regions, spatial conditions, size, steps, guidance, scheduler, seed.
 
         Args:
@@ -262,6 +262,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             num_images: images to sample.
             output_type: "pil", "np", "pt" or "latent".
             progress: show a progress bar.
+            callback_on_step_end: called after each denoising step, as in `__call__`.
         """
         regions = RegionPrompts.from_layout(layout)
         self.check_sampling_inputs([layout.prompt], [layout.negative_prompt], layout.height, layout.width,
@@ -275,7 +276,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         return self(layout.prompt, layout.negative_prompt, height=layout.height, width=layout.width,
                     num_inference_steps=layout.steps, guidance_scale=layout.guidance, seed=layout.seed,
                     num_images_per_prompt=num_images, output_type=output_type, progress=progress, regions=regions,
-                    conditions=conditions)
+                    conditions=conditions, callback_on_step_end=callback_on_step_end)
 
     @torch.no_grad()
     def __call__(
@@ -294,6 +295,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         progress: bool = True,
         regions: RegionPrompts | None = None,
         conditions: Sequence[SpatialCondition] = (),
+        callback_on_step_end: Callable | None = None,
     ) -> StableDiffusionPipelineOutput:
         """Sample images.
 
@@ -312,6 +314,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             regions: region prompts with masks (regionally controllable sampling); the global prompt keeps the
                 pixels outside every region.
             conditions: spatial conditions (T2I-Adapters, ControlNets) with their images and weights.
+            callback_on_step_end: called after each denoising step as `callback(pipe, step_index, timestep,
+                {"latents": latents})`, as in diffusers (`len(pipe.scheduler.timesteps)` steps in all); a returned
+                dict's "latents" replace the latents; an exception raised there stops sampling.
 
         Returns:
             `StableDiffusionPipelineOutput` with `images`.
@@ -350,9 +355,12 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         latents = (latents.to(device) * self.scheduler.init_noise_sigma).to(self.unet.dtype)
 
         # 5. Denoising loop
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+        timesteps = self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps
+        for i, t in enumerate(timesteps):
             noise = self.predict_noise(latents, t, states, guidance_scale, regional, residuals)
             latents = self.scheduler.step(noise, t, latents).prev_sample
+            if callback_on_step_end is not None:
+                latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
 
         # 6. Decode
         if output_type == "latent":
