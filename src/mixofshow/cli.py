@@ -121,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     preview = layout_actions.add_parser("preview", help="draw a layout's regions and prompts on an image")
     preview.add_argument("layout", help="YAML/JSON layout file")
     preview.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+
+    studio = commands.add_parser("studio", help="a local web page to draw a layout's regions, sample and download it")
+    studio_model = studio.add_argument_group("model (either --model, or --base with optional --concept files)")
+    studio_model.add_argument("--model", help="a model folder (diffusers pipeline, e.g. a fused model)")
+    studio_model.add_argument("--base", help="base model: diffusers folder, .safetensors/.ckpt file, or Hub id")
+    studio_model.add_argument("--concept", action="append", default=[], help="concept file to load (repeatable)")
+    studio_model.add_argument("--scale", type=float, nargs="+", default=None,
+                              help="LoRA scale per concept (one value applies to all; default 1.0)")
+    studio.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; anyone who can reach "
+                             "another address can use the model)")
+    studio.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one)")
+    studio.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    studio.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights dtype (default: float16 on cuda, float32 on cpu)")
     return parser
 
 
@@ -329,8 +344,25 @@ def run_layout(args) -> None:
     print(f"wrote {out}")
 
 
+def run_studio(args) -> None:
+    from .studio import Studio, make_server
+    from .studio.server import load_pipeline
+
+    device, dtype = _device_and_dtype(args)
+    pipe = load_pipeline(model=args.model, base=args.base, concepts=args.concept, scales=args.scale, device=device,
+                         dtype=dtype)
+    server = make_server(Studio(pipe, source=args.model or args.base), host=args.host, port=args.port)
+    print(f"studio at {server.url} (Ctrl+C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 COMMANDS = {"train": run_train, "sample": run_sample, "fuse": run_fuse, "stats": run_stats, "inspect": run_inspect,
-            "import-official": run_import, "layout": run_layout}
+            "import-official": run_import, "layout": run_layout, "studio": run_studio}
 
 
 def main(argv: list[str] | None = None) -> int:
