@@ -38,6 +38,8 @@ PROMPTS = ["a girl in a red coat", "a boy with a blue hat", "a brown dog", "a sm
 class NaiveRegionalProcessor(MixOfShowAttnProcessor):
     """The reference: each region's pixels attend to its prompt in a separate pass, as the official code does."""
 
+    batch_regions = False
+
     def apply_regions(self, attn, query, hidden_states, regional: RegionalAttention):
         batch, heads, tokens, head_dim = query.shape
         layers = regional.states.shape[1]

@@ -75,6 +75,15 @@ class RegionalAttention:
         self.masks = masks
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def layer_states(self, layer_index: int) -> torch.Tensor:
+        """`(R, B, T, D)`: every region's prompt encoding for cross-attention layer `layer_index`."""
+        return self.states[:, layer_index if self.states.shape[1] > 1 else 0]
+
+    def blend(self, outputs: torch.Tensor) -> torch.Tensor:
+        """`(B, N, C)` layer output from `(1 + R, B, N, C)` attention outputs: the global one, then each region's."""
+        weights, cover = self.weights(outputs.shape[2], outputs)  # (R, 1, N, 1), (1, N, 1)
+        return outputs[0] * (1 - cover) + (weights * outputs[1:]).sum(0)
+
     def weights(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(R, 1, tokens, 1)` per-region weights (normalised where regions overlap) and `(1, tokens, 1)` coverage
         for a layer whose feature map has `tokens` positions (the latent map downsampled by a power of two), on
@@ -102,6 +111,8 @@ class MixOfShowAttnProcessor:
     `cross_attention_kwargs`; a first dimension of 1 is shared by all layers. Without them it is the stock
     `AttnProcessor2_0` computation.
     """
+
+    batch_regions = True  # regions in the global attention call (False: one extra call for all regions)
 
     def __init__(self, layer_index: int | None = None, explicit_softmax: bool = False):
         self.layer_index = layer_index
@@ -137,22 +148,34 @@ class MixOfShowAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        recording = attention_recorder is not None and self.layer_index is not None
+        regional = regional_attention if self.layer_index is not None else None
+        # Regions ride in the global attention call: [global; region 1; ...; region R] prompts as one batch.
+        batched = regional is not None and self.batch_regions and not (recording or self.explicit_softmax
+                                                                        or attention_mask is not None)
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            if batched:
+                region_states = regional.layer_states(self.layer_index).to(encoder_hidden_states.dtype)
+                encoder_hidden_states = torch.cat([encoder_hidden_states[None], region_states]).flatten(0, 1)
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        groups = key.shape[0] // batch_size  # 1, or 1 + R with batched regions
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key, value = (x.view(groups * batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if groups > 1:
+            query = query.unsqueeze(0).expand(groups, -1, -1, -1, -1).flatten(0, 1)
 
-        recording = attention_recorder is not None and self.layer_index is not None
         if recording or self.explicit_softmax:
             # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
             scores = query @ key.transpose(-1, -2) * attn.scale
@@ -164,10 +187,12 @@ class MixOfShowAttnProcessor:
             hidden_states = probs.to(value.dtype) @ value
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(groups * batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
-        if regional_attention is not None and self.layer_index is not None:
-            hidden_states = self.apply_regions(attn, query, hidden_states, regional_attention)
+        if batched:
+            hidden_states = regional.blend(hidden_states.view(groups, batch_size, *hidden_states.shape[1:]))
+        elif regional is not None:
+            hidden_states = self.apply_regions(attn, query, hidden_states, regional)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -184,8 +209,7 @@ class MixOfShowAttnProcessor:
         `query` is `(B, heads, N, d)`, `hidden_states` the global output `(B, N, C)` before the output projection
         (which is affine, so blending before it is blending after it)."""
         batch, heads, tokens, head_dim = query.shape
-        layers = regional.states.shape[1]
-        states = regional.states[:, self.layer_index if layers > 1 else 0]  # (R, B, T, D)
+        states = regional.layer_states(self.layer_index)  # (R, B, T, D)
         regions = states.shape[0]
         states = states.reshape(regions * batch, *states.shape[2:]).to(query.dtype)
         if attn.norm_cross:
@@ -200,8 +224,7 @@ class MixOfShowAttnProcessor:
         else:
             region_states = F.scaled_dot_product_attention(query, key, value)
         region_states = region_states.transpose(1, 2).reshape(regions, batch, tokens, heads * head_dim)
-        weights, cover = regional.weights(tokens, hidden_states)  # (R, 1, N, 1), (1, N, 1)
-        return hidden_states * (1 - cover) + (weights * region_states).sum(0)
+        return regional.blend(torch.cat([hidden_states[None], region_states]))
 
 
 def install_processors(unet, explicit_softmax: bool = False) -> int:
