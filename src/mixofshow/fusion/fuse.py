@@ -485,13 +485,16 @@ def _json_default(value):
     return str(value)
 
 
-def compute_statistics(config: FuseConfig, out: str | Path, components: dict | None = None) -> Path:
+def compute_statistics(config: FuseConfig, out: str | Path, components: dict | None = None,
+                       copy_components: bool = True) -> Path:
     """A client's statistics of its one concept (`config.concepts[0]`), for `fuse` to use instead of a run.
 
     Args:
         config: a fusion config with exactly one concept; its templates and sampling settings are recorded.
         out: the statistics file to write (.safetensors).
-        components: already-loaded base components instead of loading `config.base` (left unchanged).
+        components: already-loaded base components instead of loading `config.base`.
+        copy_components: work on a copy of `components`, leaving them unchanged; False lets the run add the
+            concept's words to them, saving one model's memory.
 
     Returns:
         The path written.
@@ -500,7 +503,10 @@ def compute_statistics(config: FuseConfig, out: str | Path, components: dict | N
         raise MixOfShowError("statistics are computed for exactly one concept file")
     if not str(out).endswith(".safetensors"):
         raise MixOfShowError(f"the statistics file must be a .safetensors file, got {out}")
-    components = copy.deepcopy(components) if components else load_base_components(config.base)
+    if components is None:
+        components = load_base_components(config.base)
+    elif copy_components:
+        components = copy.deepcopy(components)
     pipe = MixOfShowPipeline(**{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
     pipe.set_progress_bar_config(disable=True)
     (item,) = prepare_inputs(dataclasses.replace(config, concepts=(dataclasses.replace(config.concepts[0],
