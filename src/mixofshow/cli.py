@@ -289,7 +289,7 @@ def run_stats(args) -> None:
     settings.update({k: v for k, v in (("base", args.base), ("sampling_steps", args.sampling_steps)) if v is not None})
     config = load_fuse_config(None, concepts=[entry], out=args.out, **settings)
     args.base_path = config.base
-    print(f"wrote {compute_statistics(config, args.out, components=_load_base_on(args))}")
+    print(f"wrote {compute_statistics(config, args.out, components=_load_base_on(args), copy_components=False)}")
 
 
 def run_inspect(args) -> None:
