@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("layout", help="YAML/JSON layout file")
     preview.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
 
+    demo = commands.add_parser("demo", help="the whole mission on the bundled toy world: tune three concepts, fuse, "
+                                            "sample, score, and write an HTML report")
+    demo.add_argument("--out", required=True, help="output folder (index.html, metrics.json, images, models)")
+    demo.add_argument("--fast", action="store_true", help="a few steps at tiny sizes (checks it end to end)")
+    demo.add_argument("--base", help="a toy-world folder from scripts/train_toyworld.py (default: the bundled one)")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the rendered data, the tuning and the sampling")
+
     studio = commands.add_parser("studio", help="a local web page to draw a layout's regions, sample and download it")
     studio_model = studio.add_argument_group("model (either --model, or --base with optional --concept files)")
     studio_model.add_argument("--model", help="a model folder (diffusers pipeline, e.g. a fused model)")
@@ -322,6 +329,18 @@ def run_import(args) -> None:
     print(f"wrote {out}")
 
 
+def run_demo(args) -> None:
+    import dataclasses
+
+    from .demo import METRICS_FILE, DemoConfig, run_demo, summary_line
+
+    make = DemoConfig.fast if args.fast else DemoConfig
+    tuning = dataclasses.replace(make(out=args.out).tuning, seed=args.seed)
+    report = run_demo(make(out=args.out, base=args.base, seed=args.seed, tuning=tuning), progress=not args.quiet)
+    print(summary_line(report.with_name(METRICS_FILE)))
+    print(f"wrote {report}")
+
+
 def run_layout(args) -> None:
     from PIL import Image
 
@@ -362,7 +381,7 @@ def run_studio(args) -> None:
 
 
 COMMANDS = {"train": run_train, "sample": run_sample, "fuse": run_fuse, "stats": run_stats, "inspect": run_inspect,
-            "import-official": run_import, "layout": run_layout, "studio": run_studio}
+            "import-official": run_import, "layout": run_layout, "demo": run_demo, "studio": run_studio}
 
 
 def main(argv: list[str] | None = None) -> int:
