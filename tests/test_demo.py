@@ -1,0 +1,221 @@
+"""Tests for `mixofshow demo` and the toy-world scoring it uses (mixofshow.toyworld.evaluate): the demo's fast mode
+end to end on a smoke-trained toy folder, and the scoring of rendered ground truth."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixofshow import cli
+from mixofshow.demo import DemoConfig, annotated_grid, load_toy_world, region_prompts
+from mixofshow.errors import MixOfShowError
+from mixofshow.toyworld import Scene, ToyObject, random_scene, render, render_with_masks
+from mixofshow.toyworld.classifier import CLASSIFIER_FILE, load_classifier
+from mixofshow.toyworld.concepts import CONCEPTS, get_concept, random_concept_scene
+from mixofshow.toyworld.evaluate import (
+    HEADS,
+    Target,
+    binding_summary,
+    column_regions,
+    composition_target,
+    concept_targets,
+    find_object,
+    mask_box,
+    position_of,
+    random_targets,
+    score_images,
+    summarize,
+)
+from mixofshow.toyworld.models import toyworld_asset_folder
+from mixofshow.toyworld.train import main as train_toyworld
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory) -> Path:
+    """A toy-world folder from the training script's smoke mode (a few steps: loadable, not useful)."""
+    out = tmp_path_factory.mktemp("toyworld") / "smoke"
+    torch.set_num_threads(1)
+    train_toyworld(["--smoke", "--quiet", "--out", str(out)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring rendered ground truth.
+
+
+def _ground_truth(n: int, seed: int = 0) -> list[tuple[Scene, tuple[str | None, ...]]]:
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for i in range(n):
+        if i % 2:
+            scene, picks = random_concept_scene(rng)
+            scenes.append((scene, tuple(CONCEPTS[p].name if p >= 0 else None for p in picks)))
+        else:
+            scene = random_scene(rng)
+            scenes.append((scene, (None,) * len(scene.objects)))
+    return scenes
+
+
+def test_objects_are_found_where_they_are_drawn():
+    hits, total = 0, 0
+    for scene, _ in _ground_truth(40):
+        image, masks = render_with_masks(scene)
+        for obj, mask, region in zip(scene.objects, masks, column_regions(scene)):
+            box, truth = find_object(np.asarray(image), region), mask_box(mask)
+            assert box is not None
+            centre = np.subtract(box[:2], truth[:2]) + np.subtract(box[2:], truth[2:])
+            hits += bool(np.all(np.abs(centre) / 2 <= 2 / 64))  # box centre within two pixels
+            total += 1
+            assert position_of(box, obj) == (obj.column, obj.row)
+    assert hits / total >= 0.9
+
+
+def test_empty_region_has_no_object():
+    image = np.asarray(render(Scene("mint", (ToyObject("star", "red", column="left"),))))
+    assert find_object(image, (0.0, 0.0, 1.0, 1.0)) is not None
+    assert find_object(image, (0.6, 0.0, 1.0, 1.0)) is None
+
+
+def test_column_regions_split_between_objects():
+    one = Scene("white", (ToyObject("circle", "red", column="right"),))
+    assert column_regions(one) == ((0.0, 0.0, 1.0, 1.0),)
+    two = Scene("white", (ToyObject("circle", "red", column="left"), ToyObject("star", "blue", column="right")))
+    assert column_regions(two) == ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
+    three = composition_target([get_concept(n) for n in ("pip", "nova", "moss")])
+    assert [round(r[2], 2) for r in three.regions] == [0.35, 0.65, 1.0]
+    masks = region_prompts(three, 64).masks
+    assert torch.equal(masks.sum(0), torch.ones(64, 64))  # the three regions tile the image
+
+
+class Oracle:
+    """A classifier stand-in that answers the truth of the targets, object by object, with planted mistakes."""
+
+    def __init__(self, targets: list[Target], mistakes: dict[tuple[int, int], dict[str, str]]):
+        self.answers = []
+        for i, target in enumerate(targets):
+            for j, obj in enumerate(target.scene.objects):
+                answer = {"shape": obj.shape, "colour": obj.colour, "pattern": obj.pattern,
+                          "accessory": obj.accessory, "background": target.scene.background,
+                          "concept": target.concepts[j] or "none"}
+                answer.update(mistakes.get((i, j), {}))
+                self.answers.append(answer)
+
+    def predict(self, images, boxes):
+        assert len(images) == len(boxes) == len(self.answers)
+        return self.answers
+
+
+def test_scores_compare_the_classifier_with_the_target():
+    targets = concept_targets(get_concept("pip"), 3) + [composition_target([get_concept("pip"), get_concept("nova"),
+                                                                              get_concept("moss")])]
+    images = [render(t.scene) for t in targets]
+    mistakes = {(0, 0): {"shape": "star"}, (3, 0): {"concept": "nova"}, (3, 1): {"concept": "pip"}}
+    scores = score_images(Oracle(targets, mistakes), images, targets)
+    assert len(scores) == 3 + 3 and all(s.correct["found"] and s.correct["position"] for s in scores)
+    summary = summarize(scores)
+    assert summary["shape"] == pytest.approx(5 / 6) and summary["identity"] == pytest.approx(4 / 6)
+    assert all(summary[m] == 1.0 for m in ("colour", "pattern", "accessory", "background"))
+    regions = [s for s in scores if s.image == 3]
+    binding = binding_summary(regions, targets)
+    assert binding == {"binding": pytest.approx(1 / 3), "all_bound": 0.0, "swapped": pytest.approx(2 / 3)}
+    assert summarize([])["identity"] != summarize([])["identity"]  # NaN without scores
+
+
+def test_a_missing_object_is_scored_where_it_should_be():
+    target = concept_targets(get_concept("nova"), 1)[0]
+    blank = Scene(target.scene.background, (ToyObject("circle", "red", column="left"),))
+    empty = np.asarray(render(blank)).copy()
+    empty[:] = empty[0, -1]  # only background
+    (score,) = score_images(Oracle([target], {}), [empty], [target])
+    assert score.box is None and not score.correct["found"] and not score.correct["position"]
+
+
+def test_targets_check_their_fields():
+    scene = Scene("white", (ToyObject("circle", "red"),))
+    assert Target(scene).prompt() == "a red circle in the center, white background"
+    assert Target(scene, ("pip",)).prompt() == "a <pip1> <pip2> in the center, white background"
+    assert Target(scene, ("pip",)).prompt({"pip": "<pip1~2> <pip2~2>"}).startswith("a <pip1~2> <pip2~2> in")
+    with pytest.raises(ValueError, match="needs 1 concepts"):
+        Target(scene, ("pip", "nova"))
+    with pytest.raises(ValueError, match="unknown toy concept"):
+        Target(scene, ("nobody",))
+    with pytest.raises(ValueError, match="region"):
+        Target(scene, regions=((0.5, 0.0, 0.2, 1.0),))
+    composition = composition_target([get_concept("pip"), get_concept("nova")])
+    assert composition.region_prompt(1) == "a <nova1> <nova2> on the right, " + composition.scene.background + \
+        " background"
+    assert len(random_targets(5, seed=3)) == 5 and random_targets(5, seed=3) == random_targets(5, seed=3)
+
+
+@pytest.mark.skipif(not (toyworld_asset_folder() / CLASSIFIER_FILE).is_file(),
+                    reason="the toy world's trained classifier is not shipped in this copy")
+def test_shipped_classifier_scores_rendered_ground_truth():
+    classifier = load_classifier()
+    scenes = _ground_truth(200, seed=7)
+    targets = [Target(scene, concepts) for scene, concepts in scenes]
+    summary = summarize(score_images(classifier, [render(t.scene) for t in targets], targets))
+    for metric in ("found", "identity", *HEADS, "position"):
+        assert summary[metric] > 0.95, (metric, summary)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo.
+
+
+def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["--quiet", "demo", "--fast", "--base", str(toy_folder), "--out", str(out)]) == 0
+    assert "identity" in capsys.readouterr().out
+
+    page = (out / "index.html").read_text()
+    assert page.count("<table>") >= 4
+    for heading in ("identity", "shape", "colour", "background", "position", "binding", "own model",
+                    "weight fusion", "gradient fusion"):
+        assert heading in page
+    for source in re.findall(r"<img src='([^']+)'>", page):
+        assert (out / source).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["single_concept"]) == {"own model", "weight fusion", "gradient fusion"}
+    assert set(metrics["composition"]) == {"weight fusion", "gradient fusion"}
+    assert 0.0 <= metrics["single_concept"]["gradient fusion"]["identity"] <= 1.0
+    assert sorted(p.name for p in (out / "concepts").glob("*.safetensors")) == [
+        "moss.edlora.safetensors", "nova.edlora.safetensors", "pip.edlora.safetensors"]
+    for method in ("weight", "gradient"):
+        assert (out / "fused" / method / "model_index.json").is_file()
+
+
+def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("mixofshow.demo.toyworld_asset_folder", lambda: tmp_path / "nothing")
+    with pytest.raises(MixOfShowError, match="train_toyworld"):
+        load_toy_world()
+    assert cli.main(["demo", "--out", str(tmp_path / "out"), "--base", str(tmp_path)]) == 2
+    assert "no toy-world model" in capsys.readouterr().err
+
+
+def test_demo_config_checks_its_fields():
+    with pytest.raises(ValueError, match="exactly three"):
+        DemoConfig(out="x", concepts=("pip", "nova"))
+    with pytest.raises(ValueError, match="unknown toy concept"):
+        DemoConfig(out="x", concepts=("pip", "nova", "nobody"))
+    assert DemoConfig.fast("x").tuning.steps < DemoConfig("x").tuning.steps
+
+
+def test_grid_outlines_found_objects():
+    targets = concept_targets(get_concept("pip"), 2)
+    images = [render(t.scene) for t in targets]
+    scores = score_images(Oracle(targets, {(1, 0): {"concept": "rex"}}), images, targets)
+    grid = annotated_grid([images], [scores], scale=2, gap=2)
+    assert grid.size == (2 * (128 + 2) + 2, 128 + 4)
+    pixels = np.asarray(grid)
+    assert (pixels == (40, 200, 60)).all(-1).any() and (pixels == (230, 40, 40)).all(-1).any()
