@@ -60,7 +60,7 @@ class BaseFingerprint:
         """Raise if `model` cannot take a concept made for this base; warn if only the weights differ."""
         for name in ("cross_attention_layers", "text_hidden_size", "cross_attention_dim"):
             want, have = getattr(self, name), getattr(model, name)
-            if want != have:
+            if want and want != have:  # 0: not known (an imported LoRA file cannot tell)
                 raise MixOfShowError(
                     f"{source} was trained on another base model: its {name.replace('_', ' ')} is {want}, this "
                     f"model's is {have}. Use the base model the concept was trained on (or retrain the concept)"
@@ -166,7 +166,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def load_concept(path: str | Path) -> ConceptFile:
-    """Read and validate a concept file: ours (`.safetensors`) or an official Mix-of-Show ED-LoRA (`.pth`).
+    """Read and validate a concept file: ours (`.safetensors`), an official Mix-of-Show ED-LoRA (`.pth`), or a
+    kohya / A1111 / diffusers LoRA file (`mixofshow.interop.import_lora`: a concept without words).
 
     Args:
         path: the file.
@@ -180,11 +181,10 @@ def load_concept(path: str | Path) -> ConceptFile:
     if path.suffix in (".pth", ".pt", ".bin"):
         return import_official(path)
     tensors, metadata = read_safetensors(path)
-    if METADATA_KEY not in metadata:
-        raise MixOfShowError(
-            f"{path} is a safetensors file but not a mixofshow concept file (no '{METADATA_KEY}' metadata): "
-            "make one with `mixofshow train` or import an official .pth"
-        )
+    if METADATA_KEY not in metadata:  # a kohya / A1111 or diffusers LoRA file, or a clear error naming a key
+        from .interop import import_lora  # (interop builds on this module)
+
+        return import_lora(path, tensors, metadata)
     try:
         meta = json.loads(metadata[METADATA_KEY])
         if meta.get("format") != FORMAT:

@@ -121,7 +121,8 @@ class MixOfShowPipeline(StableDiffusionPipeline):
                 raise MixOfShowError(f"{source}: concept word {word!r} is already loaded from another concept")
             # Check every word before adding any, so a refused concept leaves the pipeline unchanged.
             self.concepts.check(self.tokenizer, self.text_encoder, word, concept.embeddings[word])
-        name = name or re.sub(r"\W+", "_", concept.words[0]).strip("_") or f"concept{len(self.adapter_scales)}"
+        first = concept.words[0] if concept.words else Path(source).stem  # (a LoRA file without words: its name)
+        name = name or re.sub(r"\W+", "_", first).strip("_") or f"concept{len(self.adapter_scales)}"
         if name in self.adapter_scales:
             raise MixOfShowError(f"{source}: adapter name {name!r} is already used; pass another name")
 
