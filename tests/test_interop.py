@@ -1,5 +1,5 @@
 """Foreign formats on tiny random models: concept files out to kohya / A1111 / diffusers and back, other tools
-reading them, LoRA files fused and sampled, fused folders as one checkpoint, bad files refused by key."""
+reading them, LoRA files fused and sampled, fused folders as one checkpoint, bad files refused by key, the CLI."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mixofshow import MixOfShowError, MixOfShowPipeline
+from mixofshow.cli import main
 from mixofshow.concept_file import load_concept, save_concept
 from mixofshow.config import load_fuse_config
 from mixofshow.fusion.fuse import fuse
@@ -29,7 +30,7 @@ from mixofshow.interop import (
     vae_to_original,
 )
 from mixofshow.lora import lora_delta
-from mixofshow.testing import random_concept, tiny_components
+from mixofshow.testing import random_concept, save_tiny_base, tiny_components
 from mixofshow.tokens import ConceptVocabulary
 
 PROMPT = "a photo of a cat on the grass"  # no concept words: every loader encodes it the same way
@@ -400,3 +401,37 @@ def test_original_layout_is_what_diffusers_converts_back():
         assert set(converted) == set(state)
         for key, tensor in state.items():
             assert torch.equal(converted[key], tensor), key
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_export(tmp_path, components, concept, capsys):
+    path = save_concept(concept, tmp_path / "kit.safetensors")
+    assert main(["export", str(path), "--format", "kohya", "--out", str(tmp_path / "kohya")]) == 0
+    assert (tmp_path / "kohya" / "kit.safetensors").is_file() and (tmp_path / "kohya" / "k1.safetensors").is_file()
+    shown = capsys.readouterr().out
+    assert "wrote" in shown and "note: ED-LoRA keeps 7 embeddings per word" in shown
+    assert main(["export", str(path), "--format", "a1111", "--out", str(tmp_path / "webui")]) == 0
+    assert (tmp_path / "webui" / "models" / "Lora" / "kit.safetensors").is_file()
+    assert main(["export", str(path), "--format", "diffusers", "--out", str(tmp_path / "diffusers")]) == 0
+    assert (tmp_path / "diffusers" / DIFFUSERS_LORA_FILE).is_file()
+    assert main(["inspect", str(tmp_path / "kohya" / "kit.safetensors")]) == 0
+    base = save_tiny_base(tmp_path / "base")
+    assert main(["export", str(base), "--format", "single-file", "--out", str(tmp_path / "base.safetensors")]) == 0
+    assert (tmp_path / "base.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.safetensors", "--format", "kohya", "--out", "x"], "does not exist"),
+        (["CONCEPT", "--format", "diffusers", "--out", "x.safetensors"], "is a folder"),
+        (["CONCEPT", "--format", "single-file", "--out", "x.safetensors"], "not a diffusers model folder"),
+    ],
+)
+def test_cli_export_errors(tmp_path, concept, capsys, args, message):
+    path = save_concept(concept, tmp_path / "kit.safetensors")
+    args = [str(path) if a == "CONCEPT" else str(tmp_path / a) if a.startswith("x") else a for a in args]
+    assert main(["export", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="the concept file to write (.safetensors)")
     convert.add_argument("--alpha", type=float, default=1.0, help="the official LoRA alpha it was trained with")
 
+    export = commands.add_parser("export", help="a concept file for diffusers / kohya / A1111, or a fused model "
+                                                "folder as one original-layout checkpoint")
+    export.add_argument("source", help="concept file (or LoRA file); with --format single-file, a model folder")
+    export.add_argument("--format", required=True, choices=["diffusers", "kohya", "a1111", "single-file"],
+                        help="diffusers: a LoRA folder + textual inversions; kohya / a1111: one LoRA file + A1111 "
+                             "embeddings; single-file: a fused folder as one .safetensors checkpoint")
+    export.add_argument("--out", required=True,
+                        help="diffusers: a folder; kohya / a1111: a .safetensors file or a folder; single-file: a "
+                             ".safetensors file")
+    export.add_argument("--name", help="the LoRA's name (default: the concept file's name)")
+
     layout = commands.add_parser("layout", help="regional-sampling layouts: convert the official format, preview")
     layout_actions = layout.add_subparsers(dest="layout_action", required=True)
     official = layout_actions.add_parser("convert", help="the official Mix-of-Show prompt_rewrite as a layout file")
@@ -329,6 +340,21 @@ def run_import(args) -> None:
     print(f"wrote {out}")
 
 
+def run_export(args) -> None:
+    from .interop import export_concept, export_single_file
+
+    if args.format == "single-file":
+        result = export_single_file(args.source, args.out)
+    else:
+        if not Path(args.source).is_file():
+            raise MixOfShowError(f"concept file {args.source} does not exist")
+        result = export_concept(args.source, args.format, args.out, name=args.name)
+    for path in result.files:
+        print(f"wrote {path}")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
 def run_demo(args) -> None:
     import dataclasses
 
@@ -381,7 +407,8 @@ def run_studio(args) -> None:
 
 
 COMMANDS = {"train": run_train, "sample": run_sample, "fuse": run_fuse, "stats": run_stats, "inspect": run_inspect,
-            "import-official": run_import, "layout": run_layout, "demo": run_demo, "studio": run_studio}
+            "import-official": run_import, "layout": run_layout, "demo": run_demo, "studio": run_studio,
+            "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
