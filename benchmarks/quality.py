@@ -1,0 +1,199 @@
+"""Quality of fusion on the toy world (issue 5): identity and prompt fidelity of fused models relative to each
+concept's own model, and regional binding; our version of the paper's table.
+
+For n concepts (the first n of --concepts; the default order puts look-alikes early: pip and rex are both circles,
+nova and vega both stars), each fusion method (weight, gradient, zip) and each tuning mode (ED-LoRA, plain LoRA):
+
+- single concept: every concept's prompts (--prompts positions/backgrounds x --samples fixed seeds, the same noise
+  for every model) from its own model (the base plus its LoRA) and from the fused model, scored with the toy
+  world's classifier (`mixofshow.toyworld.evaluate`): identity (the concept head names the concept), shape, colour,
+  background, position. The table gives each value and, for identity and the mean of the four prompt-fidelity
+  metrics, the ratio to the concepts' own models measured in the same run;
+- regional binding, for n = 2 and 3: a layout with one region per concept (left/right or left/center/right), each
+  region's object classified: the share of regions holding their own concept.
+
+Goals (issue 5): gradient fusion keeps >= 95% of the own models' identity at n = 6; with 3 concepts, >= 90% of the
+regions hold their own concept.
+
+Run:
+    python benchmarks/quality.py --base DIR --quick     # CPU: 2 concepts, a few steps, proves it runs (~minutes)
+    python benchmarks/quality.py --base DIR             # the full table: n = 1, 2, 3, 6, 16 samples per prompt
+    python benchmarks/quality.py                        # on the bundled toy model, once it is shipped
+
+Concept files are kept in --work and reused by later runs with the same tuning settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mixofshow.demo import (
+    ToyTuning,
+    concept_pipeline,
+    fuse_concepts,
+    fused_pipeline,
+    load_toy_world,
+    sample_targets,
+    score_samples,
+    tune_concept,
+)
+from mixofshow.toyworld.concepts import get_concept
+from mixofshow.toyworld.evaluate import binding_summary, composition_target, concept_targets, summarize
+
+FIDELITY = ("shape", "colour", "background", "position")
+COLUMNS = ("identity",) + FIDELITY
+IDENTITY_GOAL, BINDING_GOAL = 0.95, 0.90
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", default=None, help="toy-world folder (default: the bundled model)")
+    parser.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mixofshow-quality"),
+                        help="concept files, training data and fused models go here")
+    parser.add_argument("--concepts", default="pip,rex,nova,vega,moss,tula", help="concepts, in order")
+    parser.add_argument("--ns", default="1,2,3,6", help="how many concepts to fuse (the first n)")
+    parser.add_argument("--methods", default="weight,gradient,zip", help="fusion methods")
+    parser.add_argument("--modes", default="edlora,lora", help="tuning modes")
+    parser.add_argument("--prompts", type=int, default=3, help="single-concept prompts per concept")
+    parser.add_argument("--samples", type=int, default=16, help="images per prompt (and per layout)")
+    parser.add_argument("--tune-steps", type=int, default=ToyTuning.steps, help="tuning steps per concept")
+    parser.add_argument("--tune-batch", type=int, default=ToyTuning.batch_size, help="tuning batch size")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
+    parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the tuning data and the sampling noise")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 concepts, n = 1, 2, 1 prompt x 2 samples, 20 tuning steps, 10 sampling steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concepts, args.ns, args.prompts, args.samples = "pip,rex", "1,2", 1, 2
+        args.tune_steps, args.steps, args.fusion_steps = 20, 10, 5
+    args.concepts = [get_concept(name) for name in args.concepts.split(",")]
+    args.ns = sorted({int(n) for n in args.ns.split(",")})
+    args.methods = args.methods.split(",")
+    args.modes = args.modes.split(",")
+    if args.ns[-1] > len(args.concepts) or args.ns[0] < 1:
+        parser.error(f"--ns {args.ns} needs 1 <= n <= the {len(args.concepts)} concepts given")
+    return args
+
+
+def _format(value: float, percent: bool = True) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    started = time.perf_counter()
+    base, components, classifier = load_toy_world(args.base)
+    work = Path(args.work)
+    sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "progress": progress}
+    targets = {c.name: concept_targets(c, args.prompts, args.seed) for c in args.concepts}
+    used = args.concepts[:args.ns[-1]]
+    rows, timings = [], {"tuning": 0.0, "fusion": 0.0, "sampling and scoring": 0.0}
+
+    for mode in args.modes:
+        # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
+        tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, seed=args.seed)
+        folder = work / f"{mode}-{tuning.steps}x{tuning.batch_size}-seed{tuning.seed}"
+        files, own = {}, {}
+        for concept in used:
+            path = folder / f"{concept.name}.{mode}.safetensors"
+            start = time.perf_counter()
+            files[concept.name] = path if path.is_file() else tune_concept(concept, base, components, folder,
+                                                                           tuning, progress)
+            timings["tuning"] += time.perf_counter() - start
+            start = time.perf_counter()
+            images = sample_targets(concept_pipeline(components, [files[concept.name]]), targets[concept.name],
+                                    args.samples, desc=f"{mode}: {concept.name}'s own model", **sampling)
+            own[concept.name] = [s for group in score_samples(classifier, images, targets[concept.name])
+                                 for s in group]
+            timings["sampling and scoring"] += time.perf_counter() - start
+
+        # 2. Fuse the first n, for every method; sample each concept alone, and the n-region layout for n = 2, 3
+        for n in args.ns:
+            names = [c.name for c in used[:n]]
+            reference = summarize([s for name in names for s in own[name]])
+            rows.append({"mode": mode, "n": n, "method": "own models", **reference, "identity_ratio": 1.0,
+                         "fidelity_ratio": 1.0, "binding": float("nan")})
+            for method in args.methods:
+                start = time.perf_counter()
+                out = fuse_concepts([files[name] for name in names], base, components,
+                                    work / "fused" / f"{mode}-{n}-{method}", method, args.fusion_steps,
+                                    args.guidance, progress)
+                timings["fusion"] += time.perf_counter() - start
+                start = time.perf_counter()
+                pipe = fused_pipeline(out)
+                scores = []
+                for name in names:
+                    images = sample_targets(pipe, targets[name], args.samples,
+                                            desc=f"{mode}, n={n}, {method}: {name}", **sampling)
+                    scores += [s for group in score_samples(classifier, images, targets[name]) for s in group]
+                summary = summarize(scores)
+                binding = float("nan")
+                if n in (2, 3):
+                    layout = [composition_target(used[:n])]
+                    images = sample_targets(pipe, layout, args.samples, regional=True,
+                                            desc=f"{mode}, n={n}, {method}: regions", **sampling)
+                    flat = [s for group in score_samples(classifier, images, layout) for s in group]
+                    binding = binding_summary(flat, layout * len(images[0]))["binding"]
+                timings["sampling and scoring"] += time.perf_counter() - start
+                fidelity = sum(summary[m] for m in FIDELITY) / len(FIDELITY)
+                own_fidelity = sum(reference[m] for m in FIDELITY) / len(FIDELITY)
+                rows.append({"mode": mode, "n": n, "method": method, **summary,
+                             "identity_ratio": _ratio(summary["identity"], reference["identity"]),
+                             "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding})
+
+    # 3. The table
+    print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
+          f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
+          f"{args.tune_batch}; sampling {args.steps} steps, guidance {args.guidance:g}; torch threads "
+          f"{torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
+    header = ["mode", "n", "method", *COLUMNS, "identity vs own", "fidelity vs own", "regional binding"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row["mode"], str(row["n"]), row["method"], *(_format(row[m]) for m in COLUMNS),
+                 _format(row["identity_ratio"], False), _format(row["fidelity_ratio"], False),
+                 _format(row["binding"])]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    for row in rows:
+        if row["method"] == "gradient" and row["n"] == 6:
+            met = "met" if row["identity_ratio"] >= IDENTITY_GOAL else "NOT met"
+            print(f"goal ({row['mode']}): gradient fusion keeps >= {IDENTITY_GOAL:.0%} of identity at n = 6: "
+                  f"{_format(row['identity_ratio'], False)} — {met}")
+        if row["n"] == 3 and not math.isnan(row["binding"]):
+            met = "met" if row["binding"] >= BINDING_GOAL else "NOT met"
+            print(f"goal ({row['mode']}, {row['method']}): >= {BINDING_GOAL:.0%} regional binding with 3 concepts: "
+                  f"{_format(row['binding'])} — {met}")
+
+
+if __name__ == "__main__":
+    main()
