@@ -163,6 +163,11 @@ def test_bad_regions_are_refused_before_sampling(pipe, regions, match):
         sample(pipe, regions=regions)
 
 
+def test_more_steps_than_the_scheduler_has_are_refused(pipe):
+    with pytest.raises(MixOfShowError, match="steps must be an integer from 1 to 1000"):
+        sample(pipe, num_inference_steps=1001)
+
+
 def test_a_too_long_global_prompt_is_refused(pipe):
     with pytest.raises(MixOfShowError, match=r"^prompt is \d+ tokens long"):
         sample(pipe, prompt="a girl " * 80)

@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw
 
 from mixofshow.errors import MixOfShowError
 from mixofshow.layout import load_layout
+from mixofshow.pipelines.pipeline_mixofshow import load_sampling_pipeline
 from mixofshow.studio import Studio, make_server
-from mixofshow.studio.server import load_pipeline
 from mixofshow.testing import save_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(base):
-    studio = Studio(load_pipeline(base=str(base)), source="tiny base")
+    studio = Studio(load_sampling_pipeline(base=str(base)), source="tiny base")
     server = make_server(studio, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -270,7 +270,7 @@ def test_load_pipeline_refuses_bad_model_arguments(base, tmp_path):
                           ({"base": str(base), "concepts": [str(tmp_path / "x.safetensors")]}, "not found"),
                           ({"base": str(base), "scales": [1.0, 2.0]}, "--scale has 2 values")):
         with pytest.raises(MixOfShowError, match=words):
-            load_pipeline(**kwargs)
+            load_sampling_pipeline(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,13 +15,17 @@ from .errors import MixOfShowError
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (either --model, or --base with optional --concept files)")
     model.add_argument("--model", help="a model folder (diffusers pipeline, e.g. a fused model)")
     model.add_argument("--base", help="base model: diffusers folder, .safetensors/.ckpt file, or Hub id")
     model.add_argument("--concept", action="append", default=[], help="concept file to load (repeatable)")
     model.add_argument("--scale", type=float, nargs="+", default=None,
                        help="LoRA scale per concept (one value applies to all; default 1.0)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    _add_model_flags(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--prompt", help="the prompt (or give --layout)")
     sampling.add_argument("--layout", help="a layout file (YAML/JSON): global prompt, regions, spatial conditions, "
@@ -141,12 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seeds the rendered data, the tuning and the sampling")
 
     studio = commands.add_parser("studio", help="a local web page to draw a layout's regions, sample and download it")
-    studio_model = studio.add_argument_group("model (either --model, or --base with optional --concept files)")
-    studio_model.add_argument("--model", help="a model folder (diffusers pipeline, e.g. a fused model)")
-    studio_model.add_argument("--base", help="base model: diffusers folder, .safetensors/.ckpt file, or Hub id")
-    studio_model.add_argument("--concept", action="append", default=[], help="concept file to load (repeatable)")
-    studio_model.add_argument("--scale", type=float, nargs="+", default=None,
-                              help="LoRA scale per concept (one value applies to all; default 1.0)")
+    _add_model_flags(studio)
     studio.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; anyone who can reach "
                              "another address can use the model)")
@@ -187,24 +186,11 @@ def _device_and_dtype(args):
 
 
 def run_sample(args) -> None:
-    from .concept_file import load_concept
-    from .pipelines import SCHEDULERS, MixOfShowPipeline
-    from .tokens import ConceptVocabulary
+    from .pipelines import SCHEDULERS
+    from .pipelines.pipeline_mixofshow import load_sampling_pipeline
 
-    if bool(args.model) == bool(args.base):
-        raise MixOfShowError("give exactly one of --model DIR or --base B (with optional --concept files)")
-    if args.model and args.concept:
-        raise MixOfShowError("--concept goes with --base; a --model folder already holds its concepts")
-    scales = args.scale or [1.0]
-    if len(scales) == 1:
-        scales = scales * max(1, len(args.concept))
-    if len(scales) != max(1, len(args.concept)):
-        raise MixOfShowError(f"--scale has {len(scales)} values for {len(args.concept)} --concept files")
     if args.num_images < 1:
         raise MixOfShowError(f"--num-images must be at least 1, got {args.num_images}")
-    missing = [c for c in args.concept if not Path(c).is_file()]
-    if missing:
-        raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
     if args.scheduler and args.scheduler not in SCHEDULERS:
         raise MixOfShowError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if bool(args.prompt) == bool(args.layout):
@@ -214,19 +200,10 @@ def run_sample(args) -> None:
     if layout:
         texts = [layout.prompt, layout.negative_prompt, *(r.prompt for r in layout.regions),
                  *layout.region_negative_prompts()]
-    concepts = [load_concept(path) for path in args.concept]  # small files: read and checked before the model
-    if args.base:
-        vocabulary = ConceptVocabulary(num_layers=1)
-        vocabulary.tokens = {w: None for c in concepts for w in c.words}
-        for text in texts:
-            vocabulary.check_prompt(text)
     device, dtype = _device_and_dtype(args)
-    pipe = MixOfShowPipeline.from_base(args.model or args.base, dtype=dtype)
-    for path, concept, scale in zip(args.concept, concepts, scales):
-        pipe.load_concept(concept, scale=scale, source=path)
+    pipe = load_sampling_pipeline(args.model, args.base, args.concept, args.scale, device, dtype, texts)
     if args.scheduler:
         pipe.use_scheduler(args.scheduler)
-    pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
     if layout:
         images = pipe.sample_layout(layout, num_images=args.num_images).images
@@ -390,12 +367,11 @@ def run_layout(args) -> None:
 
 
 def run_studio(args) -> None:
+    from .pipelines.pipeline_mixofshow import load_sampling_pipeline
     from .studio import Studio, make_server
-    from .studio.server import load_pipeline
 
     device, dtype = _device_and_dtype(args)
-    pipe = load_pipeline(model=args.model, base=args.base, concepts=args.concept, scales=args.scale, device=device,
-                         dtype=dtype)
+    pipe = load_sampling_pipeline(args.model, args.base, args.concept, args.scale, device, dtype)
     server = make_server(Studio(pipe, source=args.model or args.base), host=args.host, port=args.port)
     print(f"studio at {server.url} (Ctrl+C to stop)", flush=True)
     try:

@@ -167,8 +167,10 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         for label, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
                 raise MixOfShowError(f"{label} must be a positive multiple of {multiple} for this model, got {value}")
-        if not isinstance(steps, int) or steps < 1:
-            raise MixOfShowError(f"steps must be a positive integer, got {steps}")
+        most = self.scheduler.config.num_train_timesteps
+        if not isinstance(steps, int) or not 1 <= steps <= most:
+            raise MixOfShowError(f"steps must be an integer from 1 to {most} (the scheduler's training timesteps), "
+                                 f"got {steps}")
         if not math.isfinite(float(guidance_scale)):
             raise MixOfShowError(f"guidance must be a finite number, got {guidance_scale}")
         texts = [("prompt", p) for p in prompts] + [("negative_prompt", n) for n in negatives]
@@ -370,3 +372,50 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
+
+
+def load_sampling_pipeline(model: str | None = None, base: str | None = None, concepts: Sequence = (),
+                           scales: Sequence[float] | None = None, device: str = "cpu",
+                           dtype: torch.dtype = torch.float32, texts: Sequence[str] = ()) -> MixOfShowPipeline:
+    """A pipeline to sample from: a model folder (e.g. fused), or a base with concept files at given scales.
+
+    Everything that can be checked before the model loads is: the choice of model, the scales, the concept files,
+    and (with a base) that `texts` use only words those concept files define.
+
+    Args:
+        model: a model folder; or
+        base: a base model (folder, single file or Hub id), with
+        concepts: concept files (paths or `ConceptFile`s) at
+        scales: their LoRA scales (one value for all; default 1.0).
+        device: where it samples.
+        dtype: the weights' dtype.
+        texts: prompts to check against the concepts' words before the base loads.
+
+    Returns:
+        The pipeline on `device`, progress bars off.
+    """
+    concepts = list(concepts)
+    if bool(model) == bool(base):
+        raise MixOfShowError("give exactly one of --model DIR or --base B (with optional --concept files)")
+    if model and concepts:
+        raise MixOfShowError("--concept goes with --base; a --model folder already holds its concepts")
+    scales = list(scales or [1.0])
+    scales = scales * max(1, len(concepts)) if len(scales) == 1 else scales
+    if len(scales) != max(1, len(concepts)):
+        raise MixOfShowError(f"--scale has {len(scales)} values for {len(concepts)} --concept files")
+    missing = [str(c) for c in concepts if not isinstance(c, ConceptFile) and not Path(c).is_file()]
+    if missing:
+        raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
+    sources = [str(c) if not isinstance(c, ConceptFile) else f"concept {i}" for i, c in enumerate(concepts)]
+    concepts = [c if isinstance(c, ConceptFile) else load_concept(c) for c in concepts]  # small: before the model
+    if base:
+        vocabulary = ConceptVocabulary(num_layers=1)
+        vocabulary.tokens = {w: None for c in concepts for w in c.words}
+        for text in texts:
+            vocabulary.check_prompt(text)
+    pipe = MixOfShowPipeline.from_base(model or base, dtype=dtype)
+    for concept, scale, source in zip(concepts, scales, sources):
+        pipe.load_concept(concept, scale=scale, source=source)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -433,42 +433,6 @@ class StudioHandler(BaseHTTPRequestHandler):
         self._send(self._job(job_id).layout.dumps().encode(), CONTENT_TYPES[".yaml"])
 
 
-def load_pipeline(model: str | None = None, base: str | None = None, concepts=(), scales=None, device: str = "cpu",
-                  dtype=None):
-    """A `MixOfShowPipeline` from a model folder, or a base with concept files, on `device`, progress bars off.
-
-    Args:
-        model: a model folder (e.g. fused); or
-        base: a base model, with
-        concepts: concept files to load, at
-        scales: their LoRA scales (one value for all; default 1.0).
-        device: where it samples.
-        dtype: the weights' dtype (default float32).
-    """
-    import torch
-
-    from ..pipelines import MixOfShowPipeline
-
-    concepts = list(concepts)
-    if bool(model) == bool(base):
-        raise MixOfShowError("give exactly one of --model DIR or --base B (with optional --concept files)")
-    if model and concepts:
-        raise MixOfShowError("--concept goes with --base; a --model folder already holds its concepts")
-    scales = list(scales or [1.0])
-    scales = scales * max(1, len(concepts)) if len(scales) == 1 else scales
-    if len(scales) != max(1, len(concepts)):
-        raise MixOfShowError(f"--scale has {len(scales)} values for {len(concepts)} --concept files")
-    missing = [str(c) for c in concepts if not Path(c).is_file()]
-    if missing:
-        raise MixOfShowError(f"concept file(s) not found: {', '.join(missing)}")
-    pipe = MixOfShowPipeline.from_base(model or base, dtype=dtype or torch.float32)
-    for path, scale in zip(concepts, scales):
-        pipe.load_concept(path, scale=scale, source=str(path))
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def make_server(studio: Studio, host: str = "127.0.0.1", port: int = 0) -> StudioServer:
     """An HTTP server for `studio` (not yet serving: call `serve_forever`, e.g. in a thread).
 
