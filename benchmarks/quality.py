@@ -19,6 +19,7 @@ Run:
     python benchmarks/quality.py --base DIR --quick     # CPU: 2 concepts, a few steps, proves it runs (~minutes)
     python benchmarks/quality.py --base DIR             # the full table: n = 1, 2, 3, 6, 16 samples per prompt
     python benchmarks/quality.py                        # on the bundled toy model, once it is shipped
+    python benchmarks/quality.py --base DIR --base-only # only the base model's prompt following (64 captions)
 
 Concept files are kept in --work and reused by later runs with the same tuning settings.
 """
@@ -45,7 +46,15 @@ from mixofshow.demo import (
     tune_concept,
 )
 from mixofshow.toyworld.concepts import get_concept
-from mixofshow.toyworld.evaluate import binding_summary, composition_target, concept_targets, summarize
+from mixofshow.toyworld.evaluate import (
+    HEADS,
+    binding_summary,
+    composition_target,
+    concept_targets,
+    random_targets,
+    summarize,
+)
+from mixofshow.toyworld.render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES
 
 FIDELITY = ("shape", "colour", "background", "position")
 COLUMNS = ("identity",) + FIDELITY
@@ -70,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
     parser.add_argument("--seed", type=int, default=0, help="seeds the tuning data and the sampling noise")
+    parser.add_argument("--base-prompts", type=int, default=64,
+                        help="random base-world captions to check the base model's prompt following with (0: skip)")
+    parser.add_argument("--base-only", action="store_true", help="only the base model's prompt following")
     parser.add_argument("--quick", action="store_true",
                         help="2 concepts, n = 1, 2, 1 prompt x 2 samples, 20 tuning steps, 10 sampling steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -97,6 +109,32 @@ def _ratio(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
 
+def base_prompt_following(components: dict, classifier, n: int, sampling: dict) -> dict[str, float]:
+    """Sample `n` random base-world captions (1-3 objects, no concepts) once each and print how many objects have
+    the prompt's attributes; returns the summary over all objects."""
+    targets = random_targets(n, sampling["seed"])
+    images = sample_targets(concept_pipeline(components, []), targets, 1, desc="base model", **sampling)
+    scores = score_samples(classifier, images, targets)
+    groups = {"all objects": [s for group in scores for s in group]}
+    for count in (1, 2, 3):
+        groups[f"{count}-object captions"] = [s for t, group in zip(targets, scores) for s in group
+                                              if len(t.scene.objects) == count]
+    columns = ("found",) + HEADS + ("position",)
+    print(f"\nBase model prompt following: {n} random captions, one image each ({sampling['steps']} steps, guidance "
+          f"{sampling['guidance']:g}, seed {sampling['seed']}); every object looked for in its column band and "
+          "classified there.\n")
+    print("| captions | objects | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
+    for name, group in groups.items():
+        summary = summarize(group, columns)
+        print(f"| {name} | {len(group)} | " + " | ".join(_format(summary[m]) for m in columns) + " |")
+    chance = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS), "pattern": 1 / len(PATTERNS),
+              "accessory": 1 / len(ACCESSORIES), "background": 1 / len(BACKGROUNDS), "position": 1 / 9}
+    print("\nchance (uniform guess): " + ", ".join(f"{k} {v:.0%}" for k, v in chance.items()) +
+          " (one object; with several, each is looked for in its own column band, so position chance is 1/3)\n")
+    return summarize(groups["all objects"], columns)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -116,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     targets = {c.name: concept_targets(c, args.prompts, args.seed) for c in args.concepts}
     used = args.concepts[:args.ns[-1]]
     rows, timings = [], {"tuning": 0.0, "fusion": 0.0, "sampling and scoring": 0.0}
+    if args.base_prompts:
+        start = time.perf_counter()
+        base_prompt_following(components, classifier, args.base_prompts, sampling)
+        timings["base model"] = time.perf_counter() - start
+        if args.base_only:
+            return
 
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
