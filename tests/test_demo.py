@@ -219,3 +219,18 @@ def test_grid_outlines_found_objects():
     assert grid.size == (2 * (128 + 2) + 2, 128 + 4)
     pixels = np.asarray(grid)
     assert (pixels == (40, 200, 60)).all(-1).any() and (pixels == (230, 40, 40)).all(-1).any()
+
+
+def test_sampling_noise_depends_on_target_and_sample_only(toy_folder):
+    from mixofshow.demo import concept_pipeline, sample_targets
+
+    _, components, _ = load_toy_world(toy_folder)
+    pipe = concept_pipeline(components, [])
+    targets = random_targets(2, seed=1)
+    settings = {"steps": 2, "guidance": 5.0, "seed": 3, "progress": False}
+    together = sample_targets(pipe, targets, 2, batch_size=3, **settings)
+    alone = sample_targets(pipe, targets[:1], 2, **settings)
+    assert [len(group) for group in together] == [2, 2]
+    for a, b in zip(together[0], alone[0]):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(together[0][0]), np.asarray(together[0][1]))

@@ -135,7 +135,7 @@ def load_toy_world(base: str | Path | None = None) -> tuple[Path, dict, torch.nn
         raise MixOfShowError(f"{folder}: no toy-world model here (no model_index.json); {hint}.")
     if not (folder / CLASSIFIER_FILE).is_file():
         raise MixOfShowError(f"{folder}: no {CLASSIFIER_FILE} next to the model; give a folder written by "
-                                "scripts/train_toyworld.py.")
+                             "scripts/train_toyworld.py.")
     return folder, load_base_components(folder), load_classifier(folder / CLASSIFIER_FILE)
 
 
@@ -397,19 +397,18 @@ def run_demo(config: DemoConfig, progress: bool = True) -> Path:
                                           config.fusion_steps, config.guidance, progress)
 
     # 5. Single-concept samples: each concept's own model, then every fused model, on the same noise
-    targets = [t for c in concepts for t in concept_targets(c, config.prompts_per_concept, config.seed)]
+    per_concept = [concept_targets(c, config.prompts_per_concept, config.seed) for c in concepts]
+    targets = [t for mine in per_concept for t in mine]
+    models = {"own model": [concept_pipeline(components, [path]) for path in files]}
+    models.update({f"{method} fusion": [fused_pipeline(folder)] * len(concepts) for method, folder in fused.items()})
     single: list[Evaluation] = []
     with _stage("single-concept samples", timings):
-        own_images: list[list[Image.Image]] = []
-        for concept, path in zip(concepts, files):
-            mine = [t for t in targets if t.concepts[0] == concept.name]
-            own_images += sample_targets(concept_pipeline(components, [path]), mine, config.samples_per_prompt,
-                                         desc=f"{concept.name}'s own model", **sampling)
-        single.append(Evaluation("own model", targets, own_images, score_samples(classifier, own_images, targets)))
-        for method, folder in fused.items():
-            images = sample_targets(fused_pipeline(folder), targets, config.samples_per_prompt,
-                                    desc=f"{method} fusion", **sampling)
-            single.append(Evaluation(f"{method} fusion", targets, images, score_samples(classifier, images, targets)))
+        for model, pipes in models.items():
+            images = []
+            for concept, pipe, mine in zip(concepts, pipes, per_concept):
+                images += sample_targets(pipe, mine, config.samples_per_prompt, desc=f"{model}: {concept.name}",
+                                         **sampling)
+            single.append(Evaluation(model, targets, images, score_samples(classifier, images, targets)))
 
     # 6. The three-region composition from every fused model
     composition = [composition_target(concepts)]
