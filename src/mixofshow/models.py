@@ -1,4 +1,5 @@
-"""Loading a base model: a diffusers folder, a single .safetensors/.ckpt checkpoint, or a Hub id."""
+"""Loading a base model (a diffusers folder, a single .safetensors/.ckpt checkpoint, or a Hub id), and Stable
+Diffusion's noise schedule for models built in code."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from .errors import MixOfShowError
 
@@ -14,6 +15,12 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def stable_diffusion_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction)."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
 
 
 def load_base_components(base: str | Path, dtype: torch.dtype = torch.float32) -> dict:

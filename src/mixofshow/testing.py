@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, T2IAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .models import stable_diffusion_scheduler
 from .tokenizer import load_clip_tokenizer
 
 
@@ -26,17 +27,6 @@ def _text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, intermed
         hidden_act="quick_gelu",
     )
     return CLIPTextModel(config)
-
-
-def _scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 def tiny_components(seed: int = 0) -> dict:
@@ -73,7 +63,8 @@ def tiny_components(seed: int = 0) -> dict:
         norm_num_groups=4,
         sample_size=32,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": stable_diffusion_scheduler()}
 
 
 def sd15_components(seed: int = 0) -> dict:
@@ -103,7 +94,8 @@ def sd15_components(seed: int = 0) -> dict:
         layers_per_block=2,
         sample_size=512,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _scheduler()}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": stable_diffusion_scheduler()}
 
 
 def random_t2i_adapter(components: dict, seed: int = 0, in_channels: int = 3) -> T2IAdapter:

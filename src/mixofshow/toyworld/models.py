@@ -1,5 +1,5 @@
-"""The toy world's base-model architecture: small SD-shaped VAE, CLIP text encoder and UNet (untrained), and its
-scheduler; plus loading the trained model shipped in `mixofshow/assets/toyworld/`."""
+"""The toy world's base-model architecture: small SD-shaped VAE, CLIP text encoder and UNet (untrained) with
+Stable Diffusion's scheduler; plus loading the trained model shipped in `mixofshow/assets/toyworld/`."""
 
 from __future__ import annotations
 
@@ -7,25 +7,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..models import stable_diffusion_scheduler
 from ..tokenizer import load_clip_tokenizer
 
 IMAGE_SIZE = 64
 TEXT_HIDDEN = 64  # the token-embedding table is 49408 x TEXT_HIDDEN: 6.3 MB in fp16 at 64
-
-
-def toy_scheduler() -> DDIMScheduler:
-    """Stable Diffusion's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction)."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 def toy_vae() -> AutoencoderKL:
@@ -92,7 +81,7 @@ def toy_components(seed: int = 0) -> dict:
     vae = toy_vae()
     unet = toy_unet(text_encoder.config.hidden_size, 2 ** (len(vae.config.block_out_channels) - 1))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": toy_scheduler()}
+            "scheduler": stable_diffusion_scheduler()}
 
 
 def toy_pipeline(components: dict) -> StableDiffusionPipeline:
