@@ -265,11 +265,12 @@ class LayerProblems:
                 dist.all_reduce(tensor)
             accumulator.constant = constant
 
-    def solve(self, method: str, config: FuseConfig, iterations: int,
-              anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def solve(self, method: str, config: FuseConfig, iterations: int, anchors: dict[str, torch.Tensor],
+              progress: bool = True) -> dict[str, torch.Tensor]:
         """Fused weights of every layer; `anchors` (weight fusion) fill the directions no input excites."""
         fused = {}
-        for path, w0 in tqdm(self.base.items(), desc=f"solve ({method})", leave=False, disable=len(self.base) < 8):
+        for path, w0 in tqdm(self.base.items(), desc=f"solve ({method})", leave=False,
+                            disable=not progress or len(self.base) < 8):
             if method == "gradient":
                 anchor = anchors[path].double() - w0.double()
                 fused[path] = gradient_fusion(w0, self.accumulators[path], rcond=config.rcond, anchor=anchor)
@@ -418,7 +419,7 @@ def _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers
         spatial_problems.sum_across_processes()
     weight_fused, summed = references
     fused_text = text_problems.solve(config.method, config, config.lbfgs_text_iterations,
-                                     weight_fused["text_encoder"])
+                                     weight_fused["text_encoder"], progress)
 
     # Cross-attention K/V: inputs are the fused text encoder's encodings of each concept's prompts
     with torch.no_grad():
@@ -436,8 +437,9 @@ def _solve(config, pipe, inputs, text_base, unet_base, kv_layers, spatial_layers
                                                   [config.negative_prompt] * len(dict.fromkeys(prompts)))
         grams = cross_attention_grams(pipe.unet, states, kv_layers, sampler_guidance(config))
         kv_problems.add(delta, grams, gram_weight)
-    fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations, weight_fused["unet"])
-    fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations, weight_fused["unet"])
+    fused_kv = kv_problems.solve(config.method, config, config.lbfgs_text_iterations, weight_fused["unet"], progress)
+    fused_spatial = spatial_problems.solve(config.method, config, config.lbfgs_unet_iterations, weight_fused["unet"],
+                                           progress)
 
     report["layers"] = {
         "text_encoder": text_problems.report(fused_text, weight_fused["text_encoder"], summed["text_encoder"]),
