@@ -32,13 +32,7 @@ from mixofshow.toyworld.evaluate import (
 from mixofshow.toyworld.models import toyworld_asset_folder
 from mixofshow.toyworld.train import main as train_toyworld
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -32,12 +32,7 @@ from mixofshow.toyworld.train import ToyWorldTrainConfig, config_from_args
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_toyworld.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scenes(n: int, seed: int = 0) -> list[Scene]:

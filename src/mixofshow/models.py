@@ -1,5 +1,5 @@
-"""Loading a base model (a diffusers folder, a single .safetensors/.ckpt checkpoint, or a Hub id), and Stable
-Diffusion's noise schedule for models built in code."""
+"""Loading a base model (a diffusers folder, a single .safetensors/.ckpt checkpoint, or a Hub id), and the pieces
+of models built in code: Stable Diffusion's noise schedule, a random CLIP text encoder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from .errors import MixOfShowError
 
@@ -21,6 +22,16 @@ def stable_diffusion_scheduler() -> DDIMScheduler:
     """Stable Diffusion's noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon prediction)."""
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1)
+
+
+def clip_text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, intermediate: int,
+                      projection: int) -> CLIPTextModel:
+    """A randomly initialised CLIP text transformer for `tokenizer` (its vocabulary, length and special ids)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu"))
 
 
 def load_base_components(base: str | Path, dtype: torch.dtype = torch.float32) -> dict:

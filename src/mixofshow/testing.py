@@ -6,27 +6,9 @@ import re
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, T2IAdapter, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from .models import stable_diffusion_scheduler
+from .models import clip_text_encoder, stable_diffusion_scheduler
 from .tokenizer import load_clip_tokenizer
-
-
-def _text_encoder(tokenizer, hidden_size: int, layers: int, heads: int, intermediate: int, projection: int):
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=projection,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_act="quick_gelu",
-    )
-    return CLIPTextModel(config)
 
 
 def tiny_components(seed: int = 0) -> dict:
@@ -40,7 +22,7 @@ def tiny_components(seed: int = 0) -> dict:
     """
     torch.manual_seed(seed)
     tokenizer = load_clip_tokenizer()
-    text_encoder = _text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, intermediate=37, projection=32)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, layers=2, heads=4, intermediate=37, projection=32)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -78,7 +60,8 @@ def sd15_components(seed: int = 0) -> dict:
     """
     torch.manual_seed(seed)
     tokenizer = load_clip_tokenizer()
-    text_encoder = _text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, intermediate=3072, projection=768)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=768, layers=12, heads=12, intermediate=3072,
+                                     projection=768)
     unet = UNet2DConditionModel(
         sample_size=64,
         cross_attention_dim=768,

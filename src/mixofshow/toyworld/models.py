@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
-from ..models import stable_diffusion_scheduler
+from ..models import clip_text_encoder, stable_diffusion_scheduler
 from ..tokenizer import load_clip_tokenizer
 
 IMAGE_SIZE = 64
@@ -34,20 +34,8 @@ def toy_vae() -> AutoencoderKL:
 
 def toy_text_encoder(tokenizer) -> CLIPTextModel:
     """A 4-layer CLIP text transformer over the full CLIP vocabulary (ids compatible with the real tokenizer)."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=TEXT_HIDDEN,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_act="quick_gelu",
-    )
-    return CLIPTextModel(config)
+    return clip_text_encoder(tokenizer, hidden_size=TEXT_HIDDEN, layers=4, heads=4, intermediate=4 * TEXT_HIDDEN,
+                             projection=TEXT_HIDDEN)
 
 
 def toy_unet(cross_attention_dim: int = TEXT_HIDDEN, vae_factor: int = 4) -> UNet2DConditionModel:
