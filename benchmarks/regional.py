@@ -3,8 +3,9 @@
 Three ways to sample, on the same random model, seed, size and steps:
 
 - `plain`: `MixOfShowPipeline` with the global prompt only (the reference of the ratio columns);
-- `ours`: the same call with R region prompts (vertical strips, each with its own negative prompt): every region's
-  cross-attention runs in one batched attention call per layer, masks blend the outputs;
+- `ours`: the same call with R region prompts (vertical strips, each with its own negative prompt): per layer, one
+  attention call in which each prompt is attended only from the positions it covers (regions that tile the image
+  cost about one plain attention), the outputs blended by the masks;
 - `naive`: the official code's way, one region at a time: select the region's pixels, project their queries,
   attend to the region prompt, write the result back (a processor subclass defined here, for reference only).
 

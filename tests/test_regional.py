@@ -90,6 +90,29 @@ def test_overlapping_regions_average_and_uncovered_pixels_keep_the_global_prompt
     torch.testing.assert_close(grid(out)[:, :3, 1:3], middle, rtol=1e-5, atol=1e-6)
 
 
+def test_attending_from_each_prompts_own_positions_equals_attending_from_all(monkeypatch):
+    """The gathered path (each prompt attended from the positions it has weight at) gives the dense blend, with
+    soft, overlapping and uncovered positions; soft masks over the whole image keep the dense path."""
+    components = tiny_components(0)
+    _, attn = cross_attention_layers(components["unet"])[0]
+    processor = MixOfShowAttnProcessor(layer_index=0)
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 8 * 8, attn.to_q.in_features)
+    global_states = torch.randn(2, 77, attn.to_k.in_features)
+    states = torch.randn(3, 1, 2, 77, attn.to_k.in_features)
+    masks = torch.stack([box_mask(0, 0, 3, 8, 8), box_mask(2, 0, 6, 5, 8), box_mask(6, 2, 8, 4, 8) * 0.4])
+    regional = RegionalAttention(states, masks)
+    prompts, index, weights = regional.slots(64, hidden)
+    assert prompts.tolist() == [0, 1, 2, 3] and index.shape == (4, 64 - 39)  # 39 positions fully in regions
+    assert torch.allclose(weights[3, 0, :4, 0], torch.full((4,), 0.4)) and not weights[3, 0, 4:].any()
+    gathered = processor(attn, hidden, global_states, regional_attention=regional)
+    monkeypatch.setattr(RegionalAttention, "slots", lambda self, tokens, like: None)
+    dense = processor(attn, hidden, global_states, regional_attention=RegionalAttention(states, masks))
+    torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    assert RegionalAttention(states[:2], torch.full((2, 8, 8), 0.4)).slots(64, hidden) is None
+
+
 def test_masks_follow_every_layer_resolution_of_an_odd_latent():
     regional = RegionalAttention(torch.zeros(1, 1, 1, 77, 8), torch.ones(1, 5, 7))
     for tokens in (35, 12, 4, 1):  # 5x7 -> 3x4 -> 2x2 -> 1x1

@@ -59,7 +59,9 @@ class RegionalAttention:
     In every cross-attention layer the global output h is computed as usual; each region i's output h_i is the same
     layer's attention from the same queries to region i's prompt encoding, and inside region i's mask h is replaced
     by h_i (averaged where masks overlap; a soft mask blends). Attention is per query, so this equals attending from
-    the region's cropped features alone. Pass it as `cross_attention_kwargs={REGIONS_KEY: regional}`.
+    the region's cropped features alone, which is what the processor does: each prompt is attended from the
+    positions where it has weight only (`slots`), all prompts in one call, so R regions that tile the image cost
+    about one plain attention. Pass it as `cross_attention_kwargs={REGIONS_KEY: regional}`.
 
     Args:
         states: `(R, L, B, T, D)` region prompt encodings, batched like the global ones (negatives first under
@@ -74,10 +76,26 @@ class RegionalAttention:
         self.states = states
         self.masks = masks
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layer_states(self, layer_index: int) -> torch.Tensor:
         """`(R, B, T, D)`: every region's prompt encoding for cross-attention layer `layer_index`."""
         return self.states[:, layer_index if self.states.shape[1] > 1 else 0]
+
+    @torch.no_grad()
+    def keys_and_values(self, layer_index: int, attn: Attention, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(R * B, T, C)` keys and values of every region's prompt in cross-attention layer `layer_index` (`attn`),
+        region-major. The prompts do not change while sampling, so they are projected once per layer, not per step
+        (sampling only: no gradient flows through them)."""
+        key = (layer_index, dtype)
+        if key not in self._projected:
+            states = self.layer_states(layer_index).flatten(0, 1).to(dtype)
+            if attn.norm_cross:
+                states = attn.norm_encoder_hidden_states(states)
+            self._projected[key] = (attn.to_k(states), attn.to_v(states))
+        return self._projected[key]
 
     def blend(self, outputs: torch.Tensor) -> torch.Tensor:
         """`(B, N, C)` layer output from `(1 + R, B, N, C)` attention outputs: the global one, then each region's."""
@@ -101,6 +119,32 @@ class RegionalAttention:
             weights = (masks / cover.clamp_min(1e-8))[:, None]
             self._weights[key] = (weights.to(like.dtype), cover.clamp_max(1.0).to(like.dtype))
         return self._weights[key]
+
+    def slots(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where each prompt's attention is needed at a layer with `tokens` positions: `(G,)` prompt indices (0 the
+        global prompt, i region i; prompts with no position left out), `(G, M)` the positions each one covers
+        (padded with position 0) and `(G, 1, M, 1)` their blend weights (0 on padding). None when attending from
+        every position to every prompt costs no more (large overlapping or soft masks). Made once per resolution."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._slots:
+            weights, cover = self.weights(tokens, like)
+            per_prompt = torch.cat([1 - cover, weights[:, 0]])[..., 0]  # (1 + R, tokens)
+            present = per_prompt > 0
+            counts = present.sum(1).tolist()
+            prompts = [i for i, count in enumerate(counts) if count]
+            width = max(counts)
+            if len(prompts) * width >= len(counts) * tokens:
+                self._slots[key] = None
+            else:
+                index = torch.zeros(len(prompts), width, dtype=torch.long, device=like.device)
+                slot_weights = torch.zeros(len(prompts), width, dtype=like.dtype, device=like.device)
+                for row, prompt in enumerate(prompts):
+                    positions = present[prompt].nonzero()[:, 0]
+                    index[row, : len(positions)] = positions
+                    slot_weights[row, : len(positions)] = per_prompt[prompt, positions]
+                prompt_index = torch.tensor(prompts, device=like.device)
+                self._slots[key] = (prompt_index, index, slot_weights[:, None, :, None])
+        return self._slots[key]
 
 
 class MixOfShowAttnProcessor:
@@ -156,14 +200,13 @@ class MixOfShowAttnProcessor:
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
-        else:
-            if batched:
-                region_states = regional.layer_states(self.layer_index).to(encoder_hidden_states.dtype)
-                encoder_hidden_states = torch.cat([encoder_hidden_states[None], region_states]).flatten(0, 1)
-            if attn.norm_cross:
-                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        if batched:
+            region_key, region_value = regional.keys_and_values(self.layer_index, attn, key.dtype)
+            key, value = torch.cat([key, region_key]), torch.cat([value, region_value])
 
         head_dim = key.shape[-1] // attn.heads
         groups = key.shape[0] // batch_size  # 1, or 1 + R with batched regions
@@ -173,26 +216,29 @@ class MixOfShowAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if groups > 1:
-            query = query.unsqueeze(0).expand(groups, -1, -1, -1, -1).flatten(0, 1)
-
-        if recording or self.explicit_softmax:
-            # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
-            scores = query @ key.transpose(-1, -2) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = scores.softmax(dim=-1)
-            if recording:
-                attention_recorder.record(probs, batch_size)
-            hidden_states = probs.to(value.dtype) @ value
+        slots = regional.slots(query.shape[2], query) if batched else None
+        if slots is not None:  # each prompt attended from its own positions only
+            hidden_states = self.attend_from_slots(query, key, value, slots)
         else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        hidden_states = hidden_states.transpose(1, 2).reshape(groups * batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        if batched:
-            hidden_states = regional.blend(hidden_states.view(groups, batch_size, *hidden_states.shape[1:]))
-        elif regional is not None:
-            hidden_states = self.apply_regions(attn, query, hidden_states, regional)
+            if groups > 1:
+                query = query.unsqueeze(0).expand(groups, -1, -1, -1, -1).flatten(0, 1)
+            if recording or self.explicit_softmax:
+                # Explicit softmax so the probabilities can be kept; cheap for cross-attention (T = 77 keys).
+                scores = query @ key.transpose(-1, -2) * attn.scale
+                if attention_mask is not None:
+                    scores = scores + attention_mask
+                probs = scores.softmax(dim=-1)
+                if recording:
+                    attention_recorder.record(probs, batch_size)
+                hidden_states = probs.to(value.dtype) @ value
+            else:
+                hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            hidden_states = hidden_states.transpose(1, 2).reshape(groups * batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+            if batched:
+                hidden_states = regional.blend(hidden_states.view(groups, batch_size, *hidden_states.shape[1:]))
+            elif regional is not None:
+                hidden_states = self.apply_regions(attn, query, hidden_states, regional)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -201,6 +247,26 @@ class MixOfShowAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+
+    @staticmethod
+    def attend_from_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Blended `(B, N, C)` output of one attention call in which each prompt is attended only from the positions
+        `RegionalAttention.slots` gives it.
+
+        `query` is `(B, heads, N, d)`; `key`/`value` are `(G_all * B, heads, T, d)`, the global prompt then each
+        region's."""
+        batch, heads, tokens, head_dim = query.shape
+        prompts, index, slot_weights = slots
+        groups, width = index.shape
+        key, value = (x.unflatten(0, (-1, batch))[prompts].flatten(0, 1) for x in (key, value))
+        query = query[:, :, index.flatten()].unflatten(2, (groups, width)).permute(2, 0, 1, 3, 4).flatten(0, 1)
+        out = F.scaled_dot_product_attention(query, key, value)  # (G * B, heads, M, d)
+        out = out.transpose(1, 2).reshape(groups, batch, width, heads * head_dim).to(query.dtype) * slot_weights
+        hidden_states = out.new_zeros(batch, tokens, heads * head_dim)
+        for group in range(groups):  # positions are distinct within a group (padding adds exact zeros)
+            hidden_states.index_add_(1, index[group], out[group])
+        return hidden_states
 
     def apply_regions(self, attn: Attention, query: torch.Tensor, hidden_states: torch.Tensor,
                       regional: RegionalAttention) -> torch.Tensor:
