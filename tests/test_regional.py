@@ -106,6 +106,9 @@ def test_attending_from_each_prompts_own_positions_equals_attending_from_all(mon
     assert prompts.tolist() == [0, 1, 2, 3] and index.shape == (4, 64 - 39)  # 39 positions fully in regions
     assert torch.allclose(weights[3, 0, :4, 0], torch.full((4,), 0.4)) and not weights[3, 0, 4:].any()
     gathered = processor(attn, hidden, global_states, regional_attention=regional)
+    soft = masks[2].flatten() > 0  # 0.4 of region 2's output, 0.6 of the global one
+    expected = 0.4 * processor(attn, hidden, states[2, 0]) + 0.6 * processor(attn, hidden, global_states)
+    torch.testing.assert_close(gathered[:, soft], expected[:, soft], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(RegionalAttention, "slots", lambda self, tokens, like: None)
     dense = processor(attn, hidden, global_states, regional_attention=RegionalAttention(states, masks))
     torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-6)

@@ -103,7 +103,8 @@ class RegionalAttention:
         return outputs[0] * (1 - cover) + (weights * outputs[1:]).sum(0)
 
     def weights(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(R, 1, tokens, 1)` per-region weights (normalised where regions overlap) and `(1, tokens, 1)` coverage
+        """`(R, 1, tokens, 1)` per-region weights (the masks, divided by their sum where it exceeds 1) and the
+        `(1, tokens, 1)` coverage (their sum, at most 1: the global prompt keeps the rest)
         for a layer whose feature map has `tokens` positions (the latent map downsampled by a power of two), on
         `like`'s device and in its dtype (made once per resolution: no copy per layer call)."""
         key = (tokens, like.device, like.dtype)
@@ -116,7 +117,7 @@ class RegionalAttention:
                                  "positions")
             masks = masks.flatten(1)[..., None]  # (R, tokens, 1)
             cover = masks.sum(0, keepdim=True)
-            weights = (masks / cover.clamp_min(1e-8))[:, None]
+            weights = (masks / cover.clamp_min(1.0))[:, None]  # sums to the coverage, at most 1
             self._weights[key] = (weights.to(like.dtype), cover.clamp_max(1.0).to(like.dtype))
         return self._weights[key]
 
