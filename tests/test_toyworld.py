@@ -244,3 +244,15 @@ def test_smoke_run_writes_a_loadable_pipeline(tmp_path, monkeypatch):
     assert image.size == (64, 64)
     prediction = load_classifier(out / "classifier.safetensors").predict(image)[0]
     assert prediction["shape"] in SHAPES
+
+    # Continuing from that folder with no steps gives back the same weights.
+    again = tmp_path / "again"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--smoke", "--quiet", "--steps", "0", "--sample-steps", "0",
+                                      "--init", str(out), "--out", str(again)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    from safetensors.torch import load_file
+
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors", "classifier.safetensors"):
+        first, second = load_file(str(out / name)), load_file(str(again / name))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name

@@ -2,9 +2,9 @@
 
 Four stages, with a fixed seed: (a) the VAE (reconstruction + a small KL term), (b) the CLIP text encoder
 (contrastive against a throw-away image tower, as CLIP was trained), (c) the UNet (DDPM epsilon objective with
-min-SNR weighting, frozen text encoder, 10% empty captions for classifier-free guidance, EMA weights), (d) the
-attribute classifier on object crops, concepts included. The result is a diffusers pipeline folder (fp16 weights,
-loading as fp32) plus `classifier.safetensors`, `training_report.json` and `samples.png`.
+min-SNR weighting, the text encoder trained on with it, 10% empty captions for classifier-free guidance, EMA
+weights), (d) the attribute classifier on object crops, concepts included. The result is a diffusers pipeline
+folder (fp16 weights, loading as fp32) plus `classifier.safetensors`, `training_report.json` and `samples.png`.
 
 Run it with `python scripts/train_toyworld.py --device cuda --minutes 3.5`; `--smoke` runs a few steps on tiny data.
 """
@@ -34,9 +34,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .classifier import CLASSIFIER_FILE, CROP_SIZE, OBJECT_CROP_SCALE, AttributeClassifier, save_classifier
+from .classifier import (
+    CLASSIFIER_FILE,
+    CROP_SIZE,
+    OBJECT_CROP_SCALE,
+    AttributeClassifier,
+    load_classifier,
+    save_classifier,
+)
 from .dataset import LABELS, RenderedSet, crop_boxes, images_to_tensor, render_set
-from .models import toy_components, toy_pipeline, toyworld_asset_folder
+from .models import load_toyworld_pipeline, toy_components, toy_pipeline, toyworld_asset_folder
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class ToyWorldTrainConfig:
     out: str = field(default="", metadata={"help": "output folder (default: the package's assets/toyworld)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "seeds the data, the initial weights and the training"})
+    init: str = field(default="", metadata={"help": "continue from this trained toy-world folder's weights "
+                                                    "(its classifier too, when it has one)"})
     minutes: float | None = field(default=None, metadata={"help": "wall-clock budget for the whole run; stages "
                                                                   "stop at their share of it or their step count"})
     scenes: int = field(default=60000, metadata={"help": "base-world training scenes"})
@@ -77,6 +86,8 @@ class ToyWorldTrainConfig:
     unet_steps: int = field(default=6000, metadata={"help": "UNet steps"})
     unet_batch: int = field(default=256, metadata={"help": "UNet batch size"})
     unet_lr: float = field(default=5e-4, metadata={"help": "UNet peak learning rate"})
+    unet_text_lr: float = field(default=2e-4, metadata={"help": "text-encoder learning rate while the UNet trains "
+                                                                "(0: frozen text encoder)"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (for guidance)"})
     snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0: plain MSE)"})
     ema_decay: float = field(default=0.999, metadata={"help": "UNet EMA decay (0: no EMA)"})
@@ -304,11 +315,14 @@ def train_text_encoder(text_encoder, images: torch.Tensor, input_ids: torch.Tens
 def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, latent_std: torch.Tensor,
                input_ids: torch.Tensor, empty_ids: torch.Tensor, config: ToyWorldTrainConfig, seconds: float | None,
                amp: bool, generator: torch.Generator) -> StageResult:
-    """DDPM epsilon-prediction training on cached (scaled) VAE posteriors with a frozen text encoder.
+    """DDPM epsilon-prediction training on cached (scaled) VAE posteriors.
+
+    The text encoder learns on with the UNet at `unet_text_lr` (its token states are what the UNet reads; the
+    contrastive stage only shapes its pooled output), or stays frozen when that is 0.
 
     Args:
         unet: The `UNet2DConditionModel`, trained in place; ends with its EMA weights when `ema_decay` > 0.
-        text_encoder: The frozen `CLIPTextModel`.
+        text_encoder: The `CLIPTextModel`, trained in place too unless `unet_text_lr` is 0 (EMA weights likewise).
         scheduler_config: The pipeline scheduler's config (the noise schedule).
         latent_mean: (N, 4, h, w) scaled posterior means.
         latent_std: (N, 4, h, w) scaled posterior standard deviations.
@@ -323,10 +337,17 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
-    text_encoder.requires_grad_(False)
+    joint = config.unet_text_lr > 0
+    text_encoder.requires_grad_(joint)
+    text_encoder.train(joint)
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = list(text_encoder.parameters()) if joint else []
+    params = unet_params + text_params
+    groups = [{"params": unet_params, "lr": config.unet_lr, "weight_decay": 0.01}]
+    if joint:  # no decay: unused vocabulary rows stay put
+        groups.append({"params": text_params, "lr": config.unet_text_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
@@ -340,7 +361,7 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),), device=device,
                                   generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.set_grad_enabled(joint), _autocast(device, amp):
             states = text_encoder(ids)[0]  # (B, 77, hidden)
         with _autocast(device, amp):
             prediction = unet(noisy, timesteps, states).sample.float()
@@ -362,6 +383,8 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
             for p, e in zip(params, ema):
                 p.copy_(e)
     unet.eval()
+    text_encoder.eval()
+    text_encoder.requires_grad_(False)
     return result
 
 
@@ -491,6 +514,8 @@ class _Budget:
             return None
         left = self.config.minutes * 60 - (time.perf_counter() - self.start) - self.reserve
         index = STAGES.index(stage)
+        if self.config.shares[index] == 0:
+            return 0.0  # the stage is skipped
         share = self.config.shares[index] / max(sum(self.config.shares[index:]), 1e-9)
         return max(left * share, 1.0)
 
@@ -526,6 +551,11 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     # 2. Build the untrained components and move the data to the device.
     components = toy_components(config.seed)
     vae, text_encoder, unet, tokenizer = (components[k] for k in ("vae", "text_encoder", "unet", "tokenizer"))
+    if config.init:
+        trained = load_toyworld_pipeline(config.init)
+        for name in ("vae", "text_encoder", "unet"):
+            components[name].load_state_dict(getattr(trained, name).state_dict())
+        logger.info("Continuing from the weights in %s", config.init)
     for model in (vae, text_encoder, unet):
         model.to(device)
     images = images_to_tensor(base.images, device)
@@ -564,7 +594,10 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     concept_labels[:, 0] += len(images)
     all_boxes = torch.cat([torch.from_numpy(base.boxes).to(device), concept_boxes])
     all_labels = torch.cat([torch.from_numpy(base.labels).to(device), concept_labels])
-    classifier = AttributeClassifier(LABELS).to(device)
+    classifier = AttributeClassifier(LABELS)
+    if config.init and (Path(config.init) / CLASSIFIER_FILE).is_file():
+        classifier = load_classifier(Path(config.init) / CLASSIFIER_FILE)
+    classifier = classifier.to(device)
     result = train_classifier(classifier, all_images, all_boxes, all_labels, config, budget.seconds("classifier"),
                               amp, generator)
     accuracy = {}
