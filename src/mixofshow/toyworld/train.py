@@ -80,6 +80,10 @@ class ToyWorldTrainConfig:
     vae_batch: int = field(default=128, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak learning rate"})
     vae_kl: float = field(default=1e-6, metadata={"help": "VAE KL weight"})
+    vae_object_weight: float = field(default=4.0, metadata={"help": "extra reconstruction weight of pixels unlike the "
+                                                                     "background (objects are small)"})
+    vae_decoder_only: bool = field(default=False, metadata={"help": "train the VAE decoder only (keeps the latent "
+                                                                    "space, so a UNet trained on it stays valid)"})
     text_steps: int = field(default=600, metadata={"help": "text-encoder (contrastive) steps"})
     text_batch: int = field(default=512, metadata={"help": "text-encoder batch size"})
     text_lr: float = field(default=1e-3, metadata={"help": "text-encoder peak learning rate"})
@@ -193,7 +197,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 def train_vae(vae, images: torch.Tensor, config: ToyWorldTrainConfig, seconds: float | None, amp: bool,
               generator: torch.Generator) -> StageResult:
-    """Reconstruction (L1 + MSE) plus `vae_kl` x KL on random horizontally flipped images.
+    """Reconstruction (L1 + MSE, pixels unlike the background weighted 1 + `vae_object_weight`) plus `vae_kl` x KL
+    on random horizontally flipped images; only the decoder learns when `vae_decoder_only`.
 
     Args:
         vae: The `AutoencoderKL`, trained in place.
@@ -204,19 +209,31 @@ def train_vae(vae, images: torch.Tensor, config: ToyWorldTrainConfig, seconds: f
         generator: A generator on the training device.
     """
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    if config.vae_decoder_only:
+        vae.requires_grad_(False)
+        for part in (vae.decoder, vae.post_quant_conv):
+            part.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         index = torch.randint(len(images), (config.vae_batch,), device=images.device, generator=generator)
         x = images[index].float() / 127.5 - 1  # (B, 3, H, W)
         flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with _autocast(x.device, amp):
+        with _autocast(x.device, amp), torch.set_grad_enabled(not config.vae_decoder_only):
             posterior = vae.encode(x).latent_dist
             z = posterior.sample(generator=generator)
+        with _autocast(x.device, amp):
             reconstruction = vae.decode(z).sample.float()
-        return {"l1": F.l1_loss(reconstruction, x), "mse": F.mse_loss(reconstruction, x),
-                "kl": config.vae_kl * posterior.kl().float().mean()}
+        # Scenes have a flat background (the corner pixel's colour): weight the pixels that differ from it.
+        unlike = (x - x[..., :1, :1]).abs().sum(1, keepdim=True) > 0.1  # (B, 1, H, W)
+        weight = 1 + config.vae_object_weight * unlike
+        error = reconstruction - x
+        losses = {"l1": (weight * error.abs()).mean(), "mse": (weight * error.pow(2)).mean()}
+        if not config.vae_decoder_only:
+            losses["kl"] = config.vae_kl * posterior.kl().float().mean()
+        return losses
 
     result = _run_stage("vae", config.vae_steps, seconds, optimizer, step_fn, config.quiet)
     vae.eval()
@@ -650,7 +667,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ToyWorldTrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        if f.name == "quiet":
+        if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif f.name == "shares":
             parser.add_argument(flag, type=float, nargs=len(STAGES), default=None, help=f.metadata["help"] +
