@@ -43,17 +43,22 @@ def pipe():
 # -- the processor --------------------------------------------------------------------------------------------------
 
 
+def first_layer_inputs(seed, batch, positions, regions):
+    """The tiny UNet's first cross-attention layer with its processor, and random inputs for it: hidden states
+    `(batch, positions, C)`, global prompt states `(batch, 77, D)`, region states `(regions, 1, batch, 77, D)`."""
+    _, attn = cross_attention_layers(tiny_components(0)["unet"])[0]
+    torch.manual_seed(seed)
+    hidden = torch.randn(batch, positions, attn.to_q.in_features)
+    global_states = torch.randn(batch, 77, attn.to_k.in_features)
+    states = torch.randn(regions, 1, batch, 77, attn.to_k.in_features)
+    return attn, MixOfShowAttnProcessor(layer_index=0), hidden, global_states, states
+
+
 def test_region_tokens_reach_only_their_region():
     """Outside region 0, the layer output does not depend on region 0's prompt at all; inside, it is the attention
     to that prompt alone."""
-    components = tiny_components(0)
-    _, attn = cross_attention_layers(components["unet"])[0]
-    processor = MixOfShowAttnProcessor(layer_index=0)
-    torch.manual_seed(0)
-    hidden = torch.randn(2, 8 * 8, attn.to_q.in_features)
-    global_states = torch.randn(2, 77, attn.to_k.in_features)
+    attn, processor, hidden, global_states, states = first_layer_inputs(0, batch=2, positions=8 * 8, regions=2)
     masks = torch.stack([box_mask(0, 0, 4, 8, 8), box_mask(4, 0, 8, 8, 8)])
-    states = torch.randn(2, 1, 2, 77, attn.to_k.in_features)
 
     def run(region_states):
         return processor(attn, hidden, global_states, regional_attention=RegionalAttention(region_states, masks))
@@ -70,13 +75,7 @@ def test_region_tokens_reach_only_their_region():
 
 
 def test_overlapping_regions_average_and_uncovered_pixels_keep_the_global_prompt():
-    components = tiny_components(0)
-    _, attn = cross_attention_layers(components["unet"])[0]
-    processor = MixOfShowAttnProcessor(layer_index=0)
-    torch.manual_seed(1)
-    hidden = torch.randn(1, 4 * 4, attn.to_q.in_features)
-    global_states = torch.randn(1, 77, attn.to_k.in_features)
-    states = torch.randn(2, 1, 1, 77, attn.to_k.in_features)
+    attn, processor, hidden, global_states, states = first_layer_inputs(1, batch=1, positions=4 * 4, regions=2)
     masks = torch.stack([box_mask(0, 0, 3, 4, 4), box_mask(1, 0, 4, 4, 4)])
     masks[:, 3] = 0  # the last row is in no region
     out = processor(attn, hidden, global_states, regional_attention=RegionalAttention(states, masks))
@@ -93,13 +92,7 @@ def test_overlapping_regions_average_and_uncovered_pixels_keep_the_global_prompt
 def test_attending_from_each_prompts_own_positions_equals_attending_from_all(monkeypatch):
     """The gathered path (each prompt attended from the positions it has weight at) gives the dense blend, with
     soft, overlapping and uncovered positions; soft masks over the whole image keep the dense path."""
-    components = tiny_components(0)
-    _, attn = cross_attention_layers(components["unet"])[0]
-    processor = MixOfShowAttnProcessor(layer_index=0)
-    torch.manual_seed(2)
-    hidden = torch.randn(2, 8 * 8, attn.to_q.in_features)
-    global_states = torch.randn(2, 77, attn.to_k.in_features)
-    states = torch.randn(3, 1, 2, 77, attn.to_k.in_features)
+    attn, processor, hidden, global_states, states = first_layer_inputs(2, batch=2, positions=8 * 8, regions=3)
     masks = torch.stack([box_mask(0, 0, 3, 8, 8), box_mask(2, 0, 6, 5, 8), box_mask(6, 2, 8, 4, 8) * 0.4])
     regional = RegionalAttention(states, masks)
     prompts, index, weights = regional.slots(64, hidden)
