@@ -28,6 +28,7 @@ from mixofshow.toyworld.classifier import AttributeClassifier, load_classifier, 
 from mixofshow.toyworld.concepts import CONCEPTS, get_concept, random_concept_scene, write_concept_folder
 from mixofshow.toyworld.dataset import LABELS, crop_boxes, images_to_tensor, render_set
 from mixofshow.toyworld.train import ToyWorldTrainConfig, config_from_args
+from mixofshow.toyworld.train import main as train_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_toyworld.py"
 
@@ -220,6 +221,12 @@ def test_command_line_budgets():
     assert smoke.unet_batch == 2 and smoke.scenes == ToyWorldTrainConfig.smoke().scenes
     with pytest.raises(ValueError, match="unet_batch 0"):
         ToyWorldTrainConfig(unet_batch=0)
+
+
+def test_a_missing_init_folder_is_refused_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no toy-world model here"):
+        train_main(["--smoke", "--quiet", "--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_smoke_run_writes_a_loadable_pipeline(tmp_path, monkeypatch):

@@ -556,6 +556,8 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     workers = config.workers or min(16, os.cpu_count() or 1)
     report: dict = {"config": dataclasses.asdict(config), "device": str(device), "stages": {}}
 
+    trained = load_toyworld_pipeline(config.init) if config.init else None  # a bad --init fails before any work
+
     # 1. Render the data: the base world (training, held out) and scenes with concepts (classifier only).
     rendering = time.perf_counter()
     base = render_set(config.scenes, config.seed, "base", workers=workers)
@@ -568,8 +570,7 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     # 2. Build the untrained components and move the data to the device.
     components = toy_components(config.seed)
     vae, text_encoder, unet, tokenizer = (components[k] for k in ("vae", "text_encoder", "unet", "tokenizer"))
-    if config.init:
-        trained = load_toyworld_pipeline(config.init)
+    if trained is not None:
         for name in ("vae", "text_encoder", "unet"):
             components[name].load_state_dict(getattr(trained, name).state_dict())
         logger.info("Continuing from the weights in %s", config.init)
