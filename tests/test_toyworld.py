@@ -24,6 +24,7 @@ from mixofshow.toyworld import (
     render,
     render_with_masks,
 )
+from mixofshow.toyworld import train as toyworld_train
 from mixofshow.toyworld.classifier import AttributeClassifier, load_classifier, save_classifier
 from mixofshow.toyworld.concepts import CONCEPTS, get_concept, random_concept_scene, write_concept_folder
 from mixofshow.toyworld.dataset import LABELS, crop_boxes, images_to_tensor, render_set
@@ -221,6 +222,30 @@ def test_command_line_budgets():
     assert smoke.unet_batch == 2 and smoke.scenes == ToyWorldTrainConfig.smoke().scenes
     with pytest.raises(ValueError, match="unet_batch 0"):
         ToyWorldTrainConfig(unet_batch=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_classifier_crops_come_from_reconstructions_by_their_share(monkeypatch, share):
+    rendered = render_set(6, seed=0)
+    images = images_to_tensor(rendered.images)
+    boxes, labels = torch.from_numpy(rendered.boxes), torch.from_numpy(rendered.labels)
+    drawn = []
+
+    def spy(sources, boxes, scenes, index, generator):
+        drawn.append((len(sources), scenes.clone()))
+        return crops(sources, boxes, scenes, index, generator)
+
+    crops = toyworld_train._classifier_crops
+    monkeypatch.setattr(toyworld_train, "_classifier_crops", spy)
+    config = ToyWorldTrainConfig.smoke(classifier_reconstructed=share, classifier_steps=3, quiet=True)
+    toyworld_train.train_classifier(AttributeClassifier(), images, boxes, labels, config, None, False,
+                                    torch.Generator().manual_seed(0), reconstructed=255 - images)
+    assert len(drawn) == 3
+    for sources, scenes in drawn:
+        assert sources == 2 * len(images)
+        assert bool((scenes >= len(images)).all()) if share else bool((scenes < len(images)).all())
+    with pytest.raises(ValueError, match="classifier_reconstructed 1.5"):
+        ToyWorldTrainConfig(classifier_reconstructed=1.5)
 
 
 def test_a_missing_init_folder_is_refused_before_any_work(tmp_path):

@@ -98,6 +98,9 @@ class ToyWorldTrainConfig:
     classifier_steps: int = field(default=1500, metadata={"help": "classifier steps"})
     classifier_batch: int = field(default=256, metadata={"help": "classifier batch size"})
     classifier_lr: float = field(default=2e-3, metadata={"help": "classifier peak learning rate"})
+    classifier_reconstructed: float = field(
+        default=0.5, metadata={"help": "share of classifier crops cut from VAE reconstructions of the scenes (as "
+                                       "generated images are decoded), the rest from clean renders"})
     shares: tuple[float, float, float, float] = field(
         default=(0.17, 0.08, 0.6, 0.15), metadata={"help": "time shares of the four stages under --minutes"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on cuda), bf16 or no"})
@@ -116,6 +119,8 @@ class ToyWorldTrainConfig:
             raise ValueError(f"minutes {self.minutes!r} must be positive.")
         if len(self.shares) != len(STAGES) or min(self.shares) < 0 or sum(self.shares) <= 0:
             raise ValueError(f"shares {self.shares!r} must be {len(STAGES)} non-negative numbers, not all 0.")
+        if not 0 <= self.classifier_reconstructed <= 1:
+            raise ValueError(f"classifier_reconstructed {self.classifier_reconstructed!r} must be in [0, 1].")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of auto, bf16, no.")
 
@@ -409,10 +414,11 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
 # (d) Classifier.
 
 
-def _classifier_crops(images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+def _classifier_crops(images: torch.Tensor, boxes: torch.Tensor, scenes: torch.Tensor, index: torch.Tensor,
                       generator: torch.Generator | None) -> torch.Tensor:
-    """Crops for object rows `index`: random scale, shift, blur and noise when `generator` is given."""
-    x = images[labels[index, 0]].float() / 127.5 - 1
+    """Crops of objects `index` (boxes[index], in images[scenes]): random scale, shift, blur and noise when
+    `generator` is given."""
+    x = images[scenes].float() / 127.5 - 1
     if generator is None:
         return crop_boxes(x, boxes[index], CROP_SIZE, scale=OBJECT_CROP_SCALE)
     n, device = len(index), images.device
@@ -428,12 +434,14 @@ def _classifier_crops(images: torch.Tensor, boxes: torch.Tensor, labels: torch.T
 
 def train_classifier(classifier: AttributeClassifier, images: torch.Tensor, boxes: torch.Tensor,
                      labels: torch.Tensor, config: ToyWorldTrainConfig, seconds: float | None, amp: bool,
-                     generator: torch.Generator) -> StageResult:
+                     generator: torch.Generator, reconstructed: torch.Tensor | None = None) -> StageResult:
     """Cross-entropy on every head of `LABELS`, on augmented object crops.
 
     Args:
         classifier: Trained in place.
         images: (N, 3, H, W) uint8 on the training device.
+        reconstructed: The same scenes through the VAE, or None; a `config.classifier_reconstructed` share of the
+            crops is cut from them.
         boxes: (M, 4) object boxes.
         labels: (M, 1 + heads) scene index, then one label per head.
         config: Steps, batch size, learning rate.
@@ -444,10 +452,15 @@ def train_classifier(classifier: AttributeClassifier, images: torch.Tensor, boxe
     classifier.train()
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.classifier_lr, weight_decay=0.01)
     heads = list(classifier.heads)
+    sources = images if reconstructed is None else torch.cat([images, reconstructed])
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         index = torch.randint(len(boxes), (config.classifier_batch,), device=images.device, generator=generator)
-        crops = _classifier_crops(images, boxes, labels, index, generator)
+        scenes = labels[index, 0]
+        if reconstructed is not None:
+            decoded = torch.rand(len(index), device=images.device, generator=generator)
+            scenes = scenes + len(images) * (decoded < config.classifier_reconstructed)
+        crops = _classifier_crops(sources, boxes, scenes, index, generator)
         with _autocast(images.device, amp):
             logits = classifier(crops)
         return {name: F.cross_entropy(logits[name].float(), labels[index, 1 + i]) for i, name in enumerate(heads)}
@@ -464,7 +477,7 @@ def classifier_accuracy(classifier: AttributeClassifier, images: torch.Tensor, b
     correct = {name: 0 for name in classifier.heads}
     for start in range(0, len(boxes), batch):
         index = torch.arange(start, min(start + batch, len(boxes)), device=images.device)
-        logits = classifier(_classifier_crops(images, boxes, labels, index, None))
+        logits = classifier(_classifier_crops(images, boxes, labels[index, 0], index, None))
         for i, name in enumerate(classifier.heads):
             correct[name] += int((logits[name].argmax(dim=1) == labels[index, 1 + i]).sum())
     return {name: count / max(len(boxes), 1) for name, count in correct.items()}
@@ -616,8 +629,13 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     if config.init and (Path(config.init) / CLASSIFIER_FILE).is_file():
         classifier = load_classifier(Path(config.init) / CLASSIFIER_FILE)
     classifier = classifier.to(device)
-    result = train_classifier(classifier, all_images, all_boxes, all_labels, config, budget.seconds("classifier"),
-                              amp, generator)
+    seconds = budget.seconds("classifier")
+    reconstructed = None
+    if config.classifier_reconstructed > 0 and seconds != 0 and config.classifier_steps:
+        reconstructed, _ = _reconstruct(vae, all_images, amp)
+    result = train_classifier(classifier, all_images, all_boxes, all_labels, config, seconds, amp, generator,
+                              reconstructed)
+    del reconstructed
     accuracy = {}
     for name, held in (("base", held_base), ("concepts", held_concepts)):
         held_images_d, held_boxes, held_labels = _device_tensors(held, device)
