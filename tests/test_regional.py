@@ -109,6 +109,20 @@ def test_attending_from_each_prompts_own_positions_equals_attending_from_all(mon
     assert RegionalAttention(states[:2], torch.full((2, 8, 8), 0.4)).slots(64, hidden) is None
 
 
+def test_trainable_regions_pass_gradients_to_their_prompts_and_sampling_reuses_the_projection():
+    attn, processor, hidden, global_states, states = first_layer_inputs(3, batch=2, positions=8 * 8, regions=2)
+    masks = torch.stack([box_mask(0, 0, 4, 8, 8), box_mask(4, 0, 8, 8, 8)])
+    states.requires_grad_(True)
+    trained = processor(attn, hidden, global_states, regional_attention=RegionalAttention(states, masks, True))
+    trained.square().sum().backward()
+    assert states.grad is not None and states.grad[0].abs().sum() > 0 and states.grad[1].abs().sum() > 0
+    sampling = RegionalAttention(states, masks)
+    out = processor(attn, hidden, global_states, regional_attention=sampling)
+    torch.testing.assert_close(out, trained.detach())
+    projected = sampling.keys_and_values(0, attn, out.dtype)[0]
+    assert not projected.requires_grad and sampling.keys_and_values(0, attn, out.dtype)[0] is projected
+
+
 def test_masks_follow_every_layer_resolution_of_an_odd_latent():
     regional = RegionalAttention(torch.zeros(1, 1, 1, 77, 8), torch.ones(1, 5, 7))
     for tokens in (35, 12, 4, 1):  # 5x7 -> 3x4 -> 2x2 -> 1x1

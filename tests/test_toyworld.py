@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from mixofshow.data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
+from mixofshow.tokenizer import load_clip_tokenizer
 from mixofshow.toyworld import (
     ACCESSORIES,
     BACKGROUNDS,
     COLOURS,
+    COLUMNS,
     PATTERNS,
     SHAPES,
     Scene,
@@ -175,6 +177,21 @@ def test_concept_scenes_always_hold_a_concept():
 # Rendered sets, crops, classifier.
 
 
+def test_regional_layouts_give_each_object_its_caption_and_band():
+    rendered = render_set(40, seed=1)
+    tokenizer = load_clip_tokenizer()
+    layouts = toyworld_train.regional_scenes(rendered, tokenizer, (16, 16), torch.device("cpu"))
+    assert sorted(layout.masks.shape[0] for layout in layouts) == [2, 3]
+    for layout in layouts:
+        assert torch.allclose(layout.masks.sum(0), torch.ones(16, 16))  # the bands tile the image
+        for row, scene in enumerate(layout.scenes.tolist()):
+            columns, captions = rendered.object_columns[scene], rendered.object_captions[scene]
+            assert len(columns) == layout.masks.shape[0] and list(columns) == sorted(columns, key=COLUMNS.index)
+            expected = toyworld_train.tokenize(tokenizer, list(captions), torch.device("cpu"))
+            assert torch.equal(layout.region_ids[row], expected)
+        assert layout.masks[-1, :, -1].eq(1).all() and layout.masks[0, :, 0].eq(1).all()
+
+
 def test_render_set_does_not_depend_on_workers():
     one = render_set(24, seed=5, kind="concepts", workers=1, chunk=8)
     two = render_set(24, seed=5, kind="concepts", workers=2, chunk=8)
@@ -258,7 +275,7 @@ def test_smoke_run_writes_a_loadable_pipeline(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "toyworld"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--smoke", "--quiet", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--smoke", "--quiet", "--unet-regional", "0.5", "--out", str(out)])
     runpy.run_path(str(SCRIPT), run_name="__main__")
 
     weights = sum(p.stat().st_size for p in out.rglob("*.safetensors"))

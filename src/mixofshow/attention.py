@@ -68,13 +68,16 @@ class RegionalAttention:
             guidance, so the unconditional branch reads each region's negative prompt); L is 1 when no region uses a
             layer-wise word.
         masks: `(R, h, w)` region masks in [0, 1] at the latent resolution.
+        trainable: Gradients flow through the region prompts' keys and values (training with regional prompts);
+            by default they are projected once, without gradients, and reused at every sampling step.
     """
 
-    def __init__(self, states: torch.Tensor, masks: torch.Tensor):
+    def __init__(self, states: torch.Tensor, masks: torch.Tensor, trainable: bool = False):
         if states.shape[0] != masks.shape[0]:
             raise ValueError(f"{states.shape[0]} region encodings but {masks.shape[0]} masks")
         self.states = states
         self.masks = masks
+        self.trainable = trainable
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -83,18 +86,21 @@ class RegionalAttention:
         """`(R, B, T, D)`: every region's prompt encoding for cross-attention layer `layer_index`."""
         return self.states[:, layer_index if self.states.shape[1] > 1 else 0]
 
-    @torch.no_grad()
     def keys_and_values(self, layer_index: int, attn: Attention, dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(R * B, T, C)` keys and values of every region's prompt in cross-attention layer `layer_index` (`attn`),
         region-major. The prompts do not change while sampling, so they are projected once per layer, not per step
-        (sampling only: no gradient flows through them)."""
+        (unless `trainable`: then every call projects them, with gradients)."""
         key = (layer_index, dtype)
-        if key not in self._projected:
-            states = self.layer_states(layer_index).flatten(0, 1).to(dtype)
-            if attn.norm_cross:
-                states = attn.norm_encoder_hidden_states(states)
-            self._projected[key] = (attn.to_k(states), attn.to_v(states))
+        if self.trainable or key not in self._projected:
+            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+                states = self.layer_states(layer_index).flatten(0, 1).to(dtype)
+                if attn.norm_cross:
+                    states = attn.norm_encoder_hidden_states(states)
+                projected = (attn.to_k(states), attn.to_v(states))
+            if self.trainable:
+                return projected
+            self._projected[key] = projected
         return self._projected[key]
 
     def blend(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from .concepts import CONCEPTS, random_concept_scene
-from .render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES, caption, random_scene, render_with_masks
+from .render import (
+    ACCESSORIES,
+    BACKGROUNDS,
+    COLOURS,
+    PATTERNS,
+    SHAPES,
+    Scene,
+    caption,
+    random_scene,
+    render_with_masks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +49,16 @@ class RenderedSet:
         boxes: (M, 4) float32, one row per visible object: x0, y0, x1, y1 as fractions of the side.
         labels: (M, 1 + len(LABELS)) int64: the object's scene index, then one class index per head of `LABELS`
             ("concept" 0 = an ordinary object).
+        object_captions: Per scene, each object's caption alone on the scene's background (a region prompt).
+        object_columns: Per scene, each object's column.
     """
 
     images: np.ndarray
     captions: list[str]
     boxes: np.ndarray
     labels: np.ndarray
+    object_captions: list[tuple[str, ...]]
+    object_columns: list[tuple[str, ...]]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -59,12 +73,14 @@ def _scene(kind: str, seed: int, index: int):
 
 
 def _render_range(kind: str, seed: int, start: int, stop: int, size: int):
-    images, captions, boxes, labels = [], [], [], []
+    images, captions, boxes, labels, object_captions, object_columns = [], [], [], [], [], []
     for index in range(start, stop):
         scene, picks = _scene(kind, seed, index)
         image, masks = render_with_masks(scene, size)
         images.append(np.asarray(image))
         captions.append(caption(scene))
+        object_captions.append(tuple(caption(Scene(scene.background, (obj,))) for obj in scene.objects))
+        object_columns.append(tuple(obj.column for obj in scene.objects))
         for obj, pick, mask in zip(scene.objects, picks, masks):
             ys, xs = np.nonzero(mask)
             if len(xs) == 0:
@@ -73,7 +89,7 @@ def _render_range(kind: str, seed: int, start: int, stop: int, size: int):
             labels.append((index, SHAPES.index(obj.shape), LABELS["colour"].index(obj.colour),
                            PATTERNS.index(obj.pattern), ACCESSORIES.index(obj.accessory),
                            LABELS["background"].index(scene.background), pick + 1))
-    return np.stack(images), captions, boxes, labels
+    return np.stack(images), captions, boxes, labels, object_captions, object_columns
 
 
 def render_set(n: int, seed: int = 0, kind: str = "base", size: int = 64, workers: int = 0,
@@ -108,7 +124,8 @@ def render_set(n: int, seed: int = 0, kind: str = "base", size: int = 64, worker
     boxes = np.asarray([b for part in parts for b in part[2]], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray([label for part in parts for label in part[3]], dtype=np.int64).reshape(-1, 1 + len(LABELS))
     logger.info("Rendered %d %s scenes (%d objects)", n, kind, len(boxes))
-    return RenderedSet(images, captions, boxes, labels)
+    return RenderedSet(images, captions, boxes, labels, [c for part in parts for c in part[4]],
+                       [c for part in parts for c in part[5]])
 
 
 def images_to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:

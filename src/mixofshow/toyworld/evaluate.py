@@ -117,8 +117,13 @@ class ObjectScore:
 def column_regions(scene: Scene) -> tuple[Box, ...]:
     """Full-height bands, one per object, split halfway between neighbouring objects' columns (the whole image for a
     single object)."""
+    return column_bands([obj.column for obj in scene.objects])
+
+
+def column_bands(columns: Sequence[str]) -> tuple[Box, ...]:
+    """`column_regions` for objects in these columns."""
     centres = {"left": 0.2, "center": 0.5, "right": 0.8}
-    xs = [centres[obj.column] for obj in scene.objects]
+    xs = [centres[column] for column in columns]
     order = sorted(set(xs))
     edges = [0.0] + [(a + b) / 2 for a, b in itertools.pairwise(order)] + [1.0]
     return tuple((edges[order.index(x)], 0.0, edges[order.index(x) + 1], 1.0) for x in xs)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attention import REGIONS_KEY, RegionalAttention, install_processors
 from .classifier import (
     CLASSIFIER_FILE,
     CROP_SIZE,
@@ -43,6 +45,7 @@ from .classifier import (
     save_classifier,
 )
 from .dataset import LABELS, RenderedSet, crop_boxes, images_to_tensor, render_set
+from .evaluate import column_bands
 from .models import load_toyworld_pipeline, toy_components, toy_pipeline, toyworld_asset_folder
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,9 @@ class ToyWorldTrainConfig:
     unet_lr: float = field(default=5e-4, metadata={"help": "UNet peak learning rate"})
     unet_text_lr: float = field(default=2e-4, metadata={"help": "text-encoder learning rate while the UNet trains "
                                                                 "(0: frozen text encoder)"})
+    unet_regional: float = field(
+        default=0.0, metadata={"help": "share of UNet steps on two- or three-object scenes with each object's own "
+                                       "caption attending from its column band, as in regional sampling"})
     caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (for guidance)"})
     snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0: plain MSE)"})
     ema_decay: float = field(default=0.999, metadata={"help": "UNet EMA decay (0: no EMA)"})
@@ -119,6 +125,8 @@ class ToyWorldTrainConfig:
             raise ValueError(f"minutes {self.minutes!r} must be positive.")
         if len(self.shares) != len(STAGES) or min(self.shares) < 0 or sum(self.shares) <= 0:
             raise ValueError(f"shares {self.shares!r} must be {len(STAGES)} non-negative numbers, not all 0.")
+        if not 0 <= self.unet_regional <= 1:
+            raise ValueError(f"unet_regional {self.unet_regional!r} must be in [0, 1].")
         if not 0 <= self.classifier_reconstructed <= 1:
             raise ValueError(f"classifier_reconstructed {self.classifier_reconstructed!r} must be in [0, 1].")
         if self.mixed_precision not in ("auto", "bf16", "no"):
@@ -334,13 +342,49 @@ def train_text_encoder(text_encoder, images: torch.Tensor, input_ids: torch.Tens
 # (c) UNet.
 
 
+@dataclass
+class RegionalScenes:
+    """Scenes of one multi-object layout, for UNet steps with regional prompts.
+
+    Args:
+        scenes: (S,) indices of the scenes with this layout.
+        region_ids: (S, R, 77) token ids of each object's own caption.
+        masks: (R, h, w) the objects' column bands at the latent resolution.
+    """
+
+    scenes: torch.Tensor
+    region_ids: torch.Tensor
+    masks: torch.Tensor
+
+
+def regional_scenes(rendered: RenderedSet, tokenizer, latent_size: tuple[int, int], device: torch.device
+                    ) -> list[RegionalScenes]:
+    """The two- and three-object layouts of a rendered set (objects in column order, as `random_scene` makes
+    them), each with its scenes, region prompts and band masks (pixel bands area-downsampled, as the pipeline does)."""
+    size = rendered.images.shape[1]
+    layouts = []
+    for columns in sorted({c for c in rendered.object_columns if len(c) > 1}):
+        scenes = [i for i, c in enumerate(rendered.object_columns) if c == columns]
+        ids = tokenize(tokenizer, [text for i in scenes for text in rendered.object_captions[i]], device)
+        masks = torch.zeros(len(columns), 1, size, size)
+        for index, (x0, _, x1, _) in enumerate(column_bands(columns)):
+            masks[index, :, :, round(x0 * size):round(x1 * size)] = 1.0
+        masks = F.interpolate(masks, size=latent_size, mode="area")[:, 0].to(device)
+        layouts.append(RegionalScenes(torch.tensor(scenes, device=device), ids.view(len(scenes), len(columns), -1),
+                                      masks))
+    return layouts
+
+
 def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, latent_std: torch.Tensor,
                input_ids: torch.Tensor, empty_ids: torch.Tensor, config: ToyWorldTrainConfig, seconds: float | None,
-               amp: bool, generator: torch.Generator) -> StageResult:
+               amp: bool, generator: torch.Generator, layouts: list[RegionalScenes] | None = None) -> StageResult:
     """DDPM epsilon-prediction training on cached (scaled) VAE posteriors.
 
     The text encoder learns on with the UNet at `unet_text_lr` (its token states are what the UNet reads; the
-    contrastive stage only shapes its pooled output), or stays frozen when that is 0.
+    contrastive stage only shapes its pooled output), or stays frozen when that is 0. A `unet_regional` share of
+    the steps draws one of `layouts` and lets each object's own caption condition its band, through the same
+    attention processor regional sampling uses: a model trained on whole-scene captions alone may use
+    cross-attention non-locally (objects then vanish from regions with their own prompts).
 
     Args:
         unet: The `UNet2DConditionModel`, trained in place; ends with its EMA weights when `ema_decay` > 0.
@@ -354,8 +398,16 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
         seconds: Time budget, or None.
         amp: bf16 autocast.
         generator: A generator on the training device.
+        layouts: Multi-object layouts for the regional steps (`regional_scenes`); needed when `unet_regional` > 0.
     """
     device = latent_mean.device
+    layouts = layouts if config.unet_regional > 0 else None
+    if config.unet_regional > 0 and not layouts:
+        raise ValueError("unet_regional > 0 needs scenes with two or three objects.")
+    schedule = random.Random(config.seed)  # which steps are regional (host-side: no device sync)
+    original_processors = unet.attn_processors
+    if layouts:
+        install_processors(unet)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
@@ -373,20 +425,33 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
     ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        index = torch.randint(len(latent_mean), (config.unet_batch,), device=device, generator=generator)
+        layout = schedule.choice(layouts) if layouts and schedule.random() < config.unet_regional else None
+        if layout is None:
+            index = torch.randint(len(latent_mean), (config.unet_batch,), device=device, generator=generator)
+        else:
+            pick = torch.randint(len(layout.scenes), (config.unet_batch,), device=device, generator=generator)
+            index = layout.scenes[pick]
         eps = torch.randn(latent_mean[index].shape, device=device, generator=generator)
         latents = latent_mean[index] + latent_std[index] * eps  # a posterior sample, (B, 4, h, w)
         ids = input_ids[index]
-        drop = torch.rand(len(ids), device=device, generator=generator) < config.caption_dropout
-        ids = torch.where(drop[:, None], empty_ids[None], ids)
+        if layout is None:
+            drop = torch.rand(len(ids), device=device, generator=generator) < config.caption_dropout
+            ids = torch.where(drop[:, None], empty_ids[None], ids)
         noise = torch.randn(latents.shape, device=device, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),), device=device,
                                   generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(joint), _autocast(device, amp):
             states = text_encoder(ids)[0]  # (B, 77, hidden)
+            if layout is not None:
+                region_ids = layout.region_ids[pick]  # (B, R, 77)
+                region_states = text_encoder(region_ids.flatten(0, 1))[0].unflatten(0, region_ids.shape[:2])
+        kwargs = None
+        if layout is not None:  # (R, 1, B, T, D): every layer reads the same encoding
+            regional = RegionalAttention(region_states.transpose(0, 1)[:, None], layout.masks, trainable=True)
+            kwargs = {REGIONS_KEY: regional}
         with _autocast(device, amp):
-            prediction = unet(noisy, timesteps, states).sample.float()
+            prediction = unet(noisy, timesteps, states, cross_attention_kwargs=kwargs).sample.float()
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if config.snr_gamma > 0:
             s = snr[timesteps]
@@ -400,6 +465,7 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
 
     result = _run_stage("unet", config.unet_steps, seconds, optimizer, step_fn, config.quiet, after_step)
+    unet.set_attn_processor(original_processors)
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
@@ -612,8 +678,10 @@ def train_toyworld(config: ToyWorldTrainConfig) -> Path:
     logger.info("Text encoder: %d steps, %.3f s/step", result.steps, result.seconds_per_step)
 
     # 5. (c) UNet on scaled latents.
+    layouts = regional_scenes(base, tokenizer, latent_mean.shape[-2:], device) if config.unet_regional else None
     result = train_unet(unet, text_encoder, components["scheduler"].config, latent_mean * scaling,
-                        latent_std * scaling, input_ids, empty_ids, config, budget.seconds("unet"), amp, generator)
+                        latent_std * scaling, input_ids, empty_ids, config, budget.seconds("unet"), amp, generator,
+                        layouts)
     report["stages"]["unet"] = dataclasses.asdict(result)
     logger.info("UNet: %d steps, %.3f s/step", result.steps, result.seconds_per_step)
     del latent_mean, latent_std
