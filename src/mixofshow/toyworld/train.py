@@ -464,8 +464,10 @@ def train_unet(unet, text_encoder, scheduler_config, latent_mean: torch.Tensor, 
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
 
-    result = _run_stage("unet", config.unet_steps, seconds, optimizer, step_fn, config.quiet, after_step)
-    unet.set_attn_processor(original_processors)
+    try:
+        result = _run_stage("unet", config.unet_steps, seconds, optimizer, step_fn, config.quiet, after_step)
+    finally:
+        unet.set_attn_processor(original_processors)
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
