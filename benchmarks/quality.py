@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=16, help="images per prompt (and per layout)")
     parser.add_argument("--tune-steps", type=int, default=ToyTuning.steps, help="tuning steps per concept")
     parser.add_argument("--tune-batch", type=int, default=ToyTuning.batch_size, help="tuning batch size")
+    parser.add_argument("--tune-rank", type=int, default=ToyTuning.rank, help="LoRA rank of the tuned concepts")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
-        tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, seed=args.seed)
-        folder = work / f"{mode}-{tuning.steps}x{tuning.batch_size}-seed{tuning.seed}"
+        tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
+                           seed=args.seed)
+        folder = work / f"{mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-seed{tuning.seed}"
         files, own = {}, {}
         for concept in used:
             path = folder / f"{concept.name}.{mode}.safetensors"
@@ -216,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. The table
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
-          f"{args.tune_batch}; sampling {args.steps} steps, guidance {args.guidance:g}; torch threads "
-          f"{torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
+          f"{args.tune_batch}, rank {args.tune_rank}; sampling {args.steps} steps, guidance {args.guidance:g}; "
+          f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
     header = ["mode", "n", "method", *COLUMNS, "identity vs own", "fidelity vs own", "regional binding"]
     print("| " + " | ".join(header) + " |")
