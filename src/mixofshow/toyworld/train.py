@@ -45,7 +45,7 @@ from .classifier import (
     save_classifier,
 )
 from .dataset import LABELS, RenderedSet, crop_boxes, images_to_tensor, render_set
-from .evaluate import column_bands
+from .evaluate import box_pixels, column_bands
 from .models import load_toyworld_pipeline, toy_components, toy_pipeline, toyworld_asset_folder
 
 logger = logging.getLogger(__name__)
@@ -367,8 +367,9 @@ def regional_scenes(rendered: RenderedSet, tokenizer, latent_size: tuple[int, in
         scenes = [i for i, c in enumerate(rendered.object_columns) if c == columns]
         ids = tokenize(tokenizer, [text for i in scenes for text in rendered.object_captions[i]], device)
         masks = torch.zeros(len(columns), 1, size, size)
-        for index, (x0, _, x1, _) in enumerate(column_bands(columns)):
-            masks[index, :, :, round(x0 * size):round(x1 * size)] = 1.0
+        for index, band in enumerate(column_bands(columns)):
+            x0, y0, x1, y1 = box_pixels(band, size)
+            masks[index, :, y0:y1, x0:x1] = 1.0
         masks = F.interpolate(masks, size=latent_size, mode="area")[:, 0].to(device)
         layouts.append(RegionalScenes(torch.tensor(scenes, device=device), ids.view(len(scenes), len(columns), -1),
                                       masks))
