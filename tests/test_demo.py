@@ -2,6 +2,7 @@
 end to end on a smoke-trained toy folder, and the scoring of rendered ground truth."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -104,10 +105,25 @@ class Oracle:
                           "concept": target.concepts[j] or "none"}
                 answer.update(mistakes.get((i, j), {}))
                 self.answers.append(answer)
+        self.heads = {"concept": ("none", "pip", "nova", "moss", "rex")}
 
     def predict(self, images, boxes):
         assert len(images) == len(boxes) == len(self.answers)
         return self.answers
+
+    def probabilities(self, images, boxes):
+        """Certain answers: probability 1 for the answer's concept."""
+        concept = torch.zeros(len(self.answers), len(self.heads["concept"]))
+        for k, answer in enumerate(self.answers):
+            concept[k, self.heads["concept"].index(answer["concept"])] = 1.0
+        return {"concept": concept}
+
+
+class AnswersOnly:
+    """A classifier with `predict` only (no probabilities: soft metrics are NaN)."""
+
+    def __init__(self, classifier):
+        self.predict = classifier.predict
 
 
 def test_scores_compare_the_classifier_with_the_target():
@@ -119,11 +135,15 @@ def test_scores_compare_the_classifier_with_the_target():
     assert len(scores) == 3 + 3 and all(s.correct["found"] and s.correct["position"] for s in scores)
     summary = summarize(scores)
     assert summary["shape"] == pytest.approx(5 / 6) and summary["identity"] == pytest.approx(4 / 6)
+    assert summary["identity_p"] == pytest.approx(4 / 6)  # certain answers: the soft score equals the hard one
     assert all(summary[m] == 1.0 for m in ("colour", "pattern", "accessory", "background"))
     regions = [s for s in scores if s.image == 3]
     binding = binding_summary(regions, targets)
-    assert binding == {"binding": pytest.approx(1 / 3), "all_bound": 0.0, "swapped": pytest.approx(2 / 3)}
+    assert binding == {"binding": pytest.approx(1 / 3), "binding_p": pytest.approx(1 / 3), "all_bound": 0.0,
+                       "swapped": pytest.approx(2 / 3)}
     assert summarize([])["identity"] != summarize([])["identity"]  # NaN without scores
+    unsure = summarize(score_images(AnswersOnly(Oracle(targets, mistakes)), images, targets))
+    assert unsure["identity"] == pytest.approx(4 / 6) and math.isnan(unsure["identity_p"])
 
 
 def test_a_missing_object_is_scored_where_it_should_be():
@@ -174,6 +194,7 @@ def test_shipped_classifier_scores_rendered_ground_truth():
     summary = summarize(score_images(classifier, [render(t.scene) for t in targets], targets))
     for metric in ("found", "identity", *HEADS, "position"):
         assert summary[metric] > 0.95, (metric, summary)
+    assert 0.9 < summary["identity_p"] <= 1.0, summary
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "index.html"
 METRICS_FILE = "metrics.json"
-TABLE_METRICS = ("identity", "shape", "colour", "background", "position")  # the columns of the report's tables
+# The columns of the report's tables
+TABLE_METRICS = ("identity", "identity_p", "shape", "colour", "background", "position")
 
 
 @dataclass(frozen=True)
@@ -497,7 +498,8 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
     parts.append("<h2>Single-concept samples</h2><p class=note>Each concept alone, "
                  f"{config.prompts_per_concept} prompt(s) x {config.samples_per_prompt} image(s) per concept, the "
                  "same noise for every model. <i>identity</i>: the classifier's concept head names the concept (on "
-                 "the object found in the image); <i>shape, colour</i>: the concept's class word and colour; "
+                 "the object found in the image); <i>identity_p</i>: its mean probability of the concept (soft); "
+                 "<i>shape, colour</i>: the concept's class word and colour; "
                  "<i>background, position</i>: as the prompt asks. Share of objects right.</p>")
     parts.append(_table(["model", *TABLE_METRICS, "identity vs own model"], rows))
     header = ["concept"] + [e.model for e in single]

@@ -71,6 +71,15 @@ class AttributeClassifier(nn.Module):
         Returns:
             One {head: class name} dict per image.
         """
+        probabilities = self.probabilities(images, boxes)
+        picks = {name: p.argmax(dim=1).tolist() for name, p in probabilities.items()}
+        count = len(next(iter(picks.values())))
+        return [{name: self.heads[name][picks[name][i]] for name in self.heads} for i in range(count)]
+
+    @torch.no_grad()
+    def probabilities(self, images, boxes=None) -> dict[str, torch.Tensor]:
+        """Class probabilities per head, {head: (B, classes)} (classes in `self.heads[head]` order); arguments as
+        `predict`."""
         device = next(self.parameters()).device
         if isinstance(images, Image.Image):
             images = [images]
@@ -83,9 +92,7 @@ class AttributeClassifier(nn.Module):
             boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(images))
         crops = crop_boxes(images, torch.as_tensor(boxes, dtype=torch.float32, device=device), self.crop_size,
                            scale=1.0 if whole else OBJECT_CROP_SCALE)
-        logits = self(crops)
-        picks = {name: logit.argmax(dim=1).tolist() for name, logit in logits.items()}
-        return [{name: self.heads[name][picks[name][i]] for name in self.heads} for i in range(len(images))]
+        return {name: logit.softmax(dim=1).cpu() for name, logit in self(crops).items()}
 
 
 def save_classifier(model: AttributeClassifier, path: str | os.PathLike) -> Path:

@@ -10,6 +10,9 @@ classifies a crop around it, and compares with the target:
   the renderer draws); the analogue of CLIP text alignment;
 - regional binding: in a multi-region image, each region's object is that region's concept (identity, per box).
 
+Identity is also scored softly, as `identity_p`: the classifier's probability of the target's concept. A right/wrong
+call flips on small changes of a detail; the probability moves with them, closer to the paper's CLIP similarity.
+
     targets = concept_targets(get_concept("pip"), n=4)
     images = [pipe(t.prompt(), ...).images[0] for t in targets]
     summarize(score_images(classifier, images, targets))   # {"found": 1.0, "identity": 0.94, "shape": 1.0, ...}
@@ -34,6 +37,7 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the im
 
 HEADS = ("shape", "colour", "pattern", "accessory", "background")  # classifier heads compared with the target
 METRICS = ("found", "identity") + HEADS + ("position",)
+SOFT_METRICS = ("identity_p",)  # read from `ObjectScore.soft`; NaN for a classifier without `probabilities`
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel belongs to an object
 MIN_OBJECT_PIXELS = 6  # smaller blobs are noise, not an object
 _MIN_CONTRAST = 110.0  # object colours stand out from their background at least this much (as in the renderer)
@@ -100,6 +104,7 @@ class ObjectScore:
         predicted: The classifier's answer per head (on the found box, else on where the object should be).
         position: The nearest of the nine positions to the found box, as (column, row), or None.
         correct: Per metric of `METRICS`, whether it matches the target.
+        soft: Per metric of `SOFT_METRICS`, the classifier's probability of the target's answer.
     """
 
     image: int
@@ -108,6 +113,7 @@ class ObjectScore:
     predicted: dict[str, str]
     position: tuple[str, str] | None
     correct: dict[str, bool]
+    soft: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,9 +317,11 @@ def score_images(classifier, images: Sequence, targets: Sequence[Target]) -> lis
     if not rows:
         return []
     pixels = torch.from_numpy(np.stack([arrays[i] for i, _, _ in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    predicted = classifier.predict(pixels, torch.tensor([box for _, _, box in rows], dtype=torch.float32))
+    boxes = torch.tensor([box for _, _, box in rows], dtype=torch.float32)
+    predicted = classifier.predict(pixels, boxes)
+    concept_p = classifier.probabilities(pixels, boxes)["concept"] if hasattr(classifier, "probabilities") else None
     scores = []
-    for (i, j, _), box, answer in zip(rows, found, predicted):
+    for k, ((i, j, _), box, answer) in enumerate(zip(rows, found, predicted)):
         target = targets[i]
         obj = target.scene.objects[j]
         truth = {"shape": obj.shape, "colour": obj.colour, "pattern": obj.pattern, "accessory": obj.accessory,
@@ -322,24 +330,32 @@ def score_images(classifier, images: Sequence, targets: Sequence[Target]) -> lis
         correct = {"found": box is not None, "identity": answer.get("concept") == (target.concepts[j] or "none")}
         correct.update({head: answer.get(head) == truth[head] for head in HEADS})
         correct["position"] = position == (obj.column, obj.row)
-        scores.append(ObjectScore(i, j, box, dict(answer), position, correct))
+        soft = {}
+        if concept_p is not None:
+            soft["identity_p"] = float(concept_p[k, classifier.heads["concept"].index(target.concepts[j] or "none")])
+        scores.append(ObjectScore(i, j, box, dict(answer), position, correct, soft))
     return scores
 
 
-def summarize(scores: Sequence[ObjectScore], metrics: Sequence[str] = METRICS) -> dict[str, float]:
-    """The share of objects right, per metric (NaN for no scores)."""
-    return {m: float(np.mean([s.correct[m] for s in scores])) if scores else float("nan") for m in metrics}
+def summarize(scores: Sequence[ObjectScore], metrics: Sequence[str] = METRICS + SOFT_METRICS) -> dict[str, float]:
+    """The share of objects right per metric of `METRICS`, the mean of each of `SOFT_METRICS` (NaN for no scores)."""
+    def value(score: ObjectScore, metric: str) -> float:
+        return score.correct[metric] if metric in score.correct else score.soft.get(metric, float("nan"))
+
+    return {m: float(np.mean([value(s, m) for s in scores])) if scores else float("nan") for m in metrics}
 
 
 def binding_summary(scores: Sequence[ObjectScore], targets: Sequence[Target]) -> dict[str, float]:
     """Regional binding of multi-region images.
 
     Returns:
-        `binding`: the share of regions whose object is the region's concept; `all_bound`: the share of images in
-        which every region is; `swapped`: the share of regions holding another region's concept.
+        `binding`: the share of regions whose object is the region's concept; `binding_p`: the classifier's mean
+        probability of that concept (soft); `all_bound`: the share of images in which every region is; `swapped`:
+        the share of regions holding another region's concept.
     """
     if not scores:
-        return {"binding": float("nan"), "all_bound": float("nan"), "swapped": float("nan")}
+        return {"binding": float("nan"), "binding_p": float("nan"), "all_bound": float("nan"),
+                "swapped": float("nan")}
     by_image: dict[int, list[bool]] = {}
     swapped = []
     for s in scores:
@@ -348,5 +364,6 @@ def binding_summary(scores: Sequence[ObjectScore], targets: Sequence[Target]) ->
         others = {c for k, c in enumerate(concepts) if k != s.index and c}
         swapped.append(s.predicted.get("concept") in others)
     return {"binding": float(np.mean([s.correct["identity"] for s in scores])),
+            "binding_p": summarize(scores, ("identity_p",))["identity_p"],
             "all_bound": float(np.mean([all(v) for v in by_image.values()])),
             "swapped": float(np.mean(swapped))}
