@@ -9,8 +9,7 @@ nova and vega both stars), each fusion method (weight, gradient, zip) and each t
   world's classifier (`mixofshow.toyworld.evaluate`): identity (the concept head names the concept), shape, colour,
   background, position. The table gives each value and, for identity and the mean of the four prompt-fidelity
   metrics, the ratio to the concepts' own models measured in the same run; identity also softly (identity p: the
-  classifier's mean probability of the concept, which moves with details a right/wrong call flips on), with its
-  ratio;
+  classifier's mean probability of the concept, continuous like CLIP similarity), with its ratio;
 - regional binding, for n = 2 and 3: a layout with one region per concept (left/right or left/center/right), each
   region's object classified: the share of regions holding their own concept.
 

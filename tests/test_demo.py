@@ -97,26 +97,30 @@ class Oracle:
     """A classifier stand-in that answers the truth of the targets, object by object, with planted mistakes."""
 
     def __init__(self, targets: list[Target], mistakes: dict[tuple[int, int], dict[str, str]]):
-        self.answers = []
+        self.planted = []
         for i, target in enumerate(targets):
             for j, obj in enumerate(target.scene.objects):
                 answer = {"shape": obj.shape, "colour": obj.colour, "pattern": obj.pattern,
                           "accessory": obj.accessory, "background": target.scene.background,
                           "concept": target.concepts[j] or "none"}
                 answer.update(mistakes.get((i, j), {}))
-                self.answers.append(answer)
+                self.planted.append(answer)
         self.heads = {"concept": ("none", "pip", "nova", "moss", "rex")}
 
     def predict(self, images, boxes):
-        assert len(images) == len(boxes) == len(self.answers)
-        return self.answers
+        assert len(images) == len(boxes) == len(self.planted)
+        return self.planted
 
     def probabilities(self, images, boxes):
         """Certain answers: probability 1 for the answer's concept."""
-        concept = torch.zeros(len(self.answers), len(self.heads["concept"]))
-        for k, answer in enumerate(self.answers):
+        assert len(images) == len(boxes) == len(self.planted)
+        concept = torch.zeros(len(self.planted), len(self.heads["concept"]))
+        for k, answer in enumerate(self.planted):
             concept[k, self.heads["concept"].index(answer["concept"])] = 1.0
         return {"concept": concept}
+
+    def answers(self, probabilities):
+        return self.planted
 
 
 class AnswersOnly:

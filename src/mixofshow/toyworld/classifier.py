@@ -71,7 +71,10 @@ class AttributeClassifier(nn.Module):
         Returns:
             One {head: class name} dict per image.
         """
-        probabilities = self.probabilities(images, boxes)
+        return self.answers(self.probabilities(images, boxes))
+
+    def answers(self, probabilities: dict[str, torch.Tensor]) -> list[dict[str, str]]:
+        """The most probable class name per head, one dict per row of `probabilities` (as `predict` returns)."""
         picks = {name: p.argmax(dim=1).tolist() for name, p in probabilities.items()}
         count = len(next(iter(picks.values())))
         return [{name: self.heads[name][picks[name][i]] for name in self.heads} for i in range(count)]

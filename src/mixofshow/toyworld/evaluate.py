@@ -10,8 +10,8 @@ classifies a crop around it, and compares with the target:
   the renderer draws); the analogue of CLIP text alignment;
 - regional binding: in a multi-region image, each region's object is that region's concept (identity, per box).
 
-Identity is also scored softly, as `identity_p`: the classifier's probability of the target's concept. A right/wrong
-call flips on small changes of a detail; the probability moves with them, closer to the paper's CLIP similarity.
+Identity is also scored softly, as `identity_p`: the classifier's probability of the target's concept, a continuous
+score like the paper's CLIP similarity (with the shipped classifier it stays close to the right/wrong share).
 
     targets = concept_targets(get_concept("pip"), n=4)
     images = [pipe(t.prompt(), ...).images[0] for t in targets]
@@ -318,8 +318,12 @@ def score_images(classifier, images: Sequence, targets: Sequence[Target]) -> lis
         return []
     pixels = torch.from_numpy(np.stack([arrays[i] for i, _, _ in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
     boxes = torch.tensor([box for _, _, box in rows], dtype=torch.float32)
-    predicted = classifier.predict(pixels, boxes)
-    concept_p = classifier.probabilities(pixels, boxes)["concept"] if hasattr(classifier, "probabilities") else None
+    concept_p = None
+    if hasattr(classifier, "probabilities"):  # one pass gives both the answers and the soft scores
+        probabilities = classifier.probabilities(pixels, boxes)
+        predicted, concept_p = classifier.answers(probabilities), probabilities["concept"]
+    else:
+        predicted = classifier.predict(pixels, boxes)
     scores = []
     for k, ((i, j, _), box, answer) in enumerate(zip(rows, found, predicted)):
         target = targets[i]
