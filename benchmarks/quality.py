@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from mixofshow.demo import (
+    TOY_FUSION_RCOND,
     ToyTuning,
     concept_pipeline,
     fuse_concepts,
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-steps", type=int, default=ToyTuning.steps, help="tuning steps per concept")
     parser.add_argument("--tune-batch", type=int, default=ToyTuning.batch_size, help="tuning batch size")
     parser.add_argument("--tune-rank", type=int, default=ToyTuning.rank, help="LoRA rank of the tuned concepts")
+    parser.add_argument("--tune-lr-embedding", type=float, default=ToyTuning.lr_embedding,
+                        help="learning rate of the concept embeddings")
+    parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
+    parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
+                        help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -166,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
-                           seed=args.seed)
-        folder = work / f"{mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-seed{tuning.seed}"
+                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet, seed=args.seed)
+        folder = work / (f"{mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-lr{tuning.lr_embedding:g}-"
+                         f"{tuning.lr_text_encoder:g}-{tuning.lr_unet:g}-seed{tuning.seed}")
         files, own = {}, {}
         for concept in used:
             path = folder / f"{concept.name}.{mode}.safetensors"
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
                                     work / "fused" / f"{mode}-{n}-{method}", method, args.fusion_steps,
-                                    args.guidance, progress)
+                                    args.guidance, progress, args.rcond)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
                 pipe = fused_pipeline(out)
@@ -222,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     # 3. The table
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
-          f"{args.tune_batch}, rank {args.tune_rank}; sampling {args.steps} steps, guidance {args.guidance:g}; "
+          f"{args.tune_batch}, rank {args.tune_rank}, learning rates {args.tune_lr_embedding:g} (embeddings) / "
+          f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; sampling {args.steps} steps, "
+          f"guidance {args.guidance:g}; "
           f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "identity p vs own",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mixofshow import cli
+from mixofshow.concept_file import load_concept
 from mixofshow.demo import DemoConfig, annotated_grid, load_toy_world, region_prompts
 from mixofshow.errors import MixOfShowError
 from mixofshow.toyworld import Scene, ToyObject, random_scene, render, render_with_masks
@@ -223,6 +224,10 @@ def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
     assert 0.0 <= metrics["single_concept"]["gradient fusion"]["identity"] <= 1.0
     assert sorted(p.name for p in (out / "concepts").glob("*.safetensors")) == [
         "moss.edlora.safetensors", "nova.edlora.safetensors", "pip.edlora.safetensors"]
+    tuning = DemoConfig.fast(str(out)).tuning  # the concept files record the toy tuning they were made with
+    recorded = load_concept(out / "concepts" / "pip.edlora.safetensors").config
+    for name in ("lr_embedding", "lr_unet", "embedding_norm_limit", "rank"):
+        assert recorded[name] == getattr(tuning, name), name
     for method in ("weight", "gradient"):
         assert (out / "fused" / method / "model_index.json").is_file()
 

@@ -219,7 +219,9 @@ class FuseConfig:
                                            default=())
     prior_weight: float = _help("weight of that prior (0 = off, as in the paper)", default=0.0)
     rcond: float = _help("relative eigenvalue cutoff of the pseudo-inverse: eigen-directions of the Gram below "
-                         "rcond * largest stay at weight fusion (float32 features say nothing there)", default=1e-6)
+                         "rcond * largest stay at weight fusion (float32 features say nothing there); with few "
+                         "statistics prompts a larger cutoff over-fits them less (the toy world uses 1e-3)",
+                         default=1e-6)
     zip_steps: int = _help("optimisation steps of `zip`", default=100)
     zip_lr: float = _help("learning rate of `zip`", default=0.01)
     zip_similarity_weight: float = _help("weight of the column-similarity penalty of `zip`", default=0.01)
