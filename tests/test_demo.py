@@ -224,12 +224,21 @@ def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
     assert 0.0 <= metrics["single_concept"]["gradient fusion"]["identity"] <= 1.0
     assert sorted(p.name for p in (out / "concepts").glob("*.safetensors")) == [
         "moss.edlora.safetensors", "nova.edlora.safetensors", "pip.edlora.safetensors"]
-    tuning = DemoConfig.fast(str(out)).tuning  # the concept files record the toy tuning they were made with
-    recorded = load_concept(out / "concepts" / "pip.edlora.safetensors").config
-    for name in ("lr_embedding", "lr_unet", "embedding_norm_limit", "rank"):
-        assert recorded[name] == getattr(tuning, name), name
     for method in ("weight", "gradient"):
         assert (out / "fused" / method / "model_index.json").is_file()
+
+
+def test_toy_tuning_reaches_the_training_config(toy_folder, tmp_path):
+    from mixofshow.demo import ToyTuning, tune_concept
+
+    _, components, _ = load_toy_world(toy_folder)
+    # values unlike both ToyTuning's and the training config's defaults, so a dropped field shows
+    tuning = ToyTuning(steps=1, batch_size=1, images=2, lr_embedding=7e-3, lr_unet=9e-4, embedding_norm_limit=0.31,
+                       rank=2)
+    recorded = load_concept(tune_concept(get_concept("pip"), toy_folder, components, tmp_path, tuning,
+                                         progress=False)).config
+    for name in ("steps", "batch_size", "lr_embedding", "lr_text_encoder", "lr_unet", "embedding_norm_limit", "rank"):
+        assert recorded[name] == getattr(tuning, name), name
 
 
 def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
