@@ -22,12 +22,13 @@ Run:
     python benchmarks/quality.py                        # on the bundled toy model, once it is shipped
     python benchmarks/quality.py --base DIR --base-only # only the base model's prompt following (64 captions)
 
-Concept files are kept in --work and reused by later runs with the same tuning settings.
+Concept files are kept in --work and reused by later runs with the same tuning settings and training images.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -42,12 +43,13 @@ from mixofshow.demo import (
     concept_pipeline,
     fuse_concepts,
     fused_pipeline,
+    image_size,
     load_toy_world,
     sample_targets,
     score_samples,
     tune_concept,
 )
-from mixofshow.toyworld.concepts import get_concept
+from mixofshow.toyworld.concepts import Concept, concept_scenes, get_concept
 from mixofshow.toyworld.evaluate import (
     HEADS,
     binding_summary,
@@ -56,7 +58,7 @@ from mixofshow.toyworld.evaluate import (
     random_targets,
     summarize,
 )
-from mixofshow.toyworld.render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES
+from mixofshow.toyworld.render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES, render
 
 FIDELITY = ("shape", "colour", "background", "position")
 COLUMNS = ("identity", "identity_p") + FIDELITY
@@ -105,6 +107,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ns[-1] > len(args.concepts) or args.ns[0] < 1:
         parser.error(f"--ns {args.ns} needs 1 <= n <= the {len(args.concepts)} concepts given")
     return args
+
+
+def tuning_folder_name(tuning: ToyTuning, concept: Concept, size: int) -> str:
+    """The --work subfolder for `concept` tuned with `tuning`: readable settings plus a digest of every tuning field
+    and of the rendered training images, so that a file tuned on other data or settings is never reused."""
+    digest = hashlib.sha1(repr(tuning).encode())
+    for scene in concept_scenes(concept, tuning.images, tuning.seed):
+        digest.update(render(scene, size).tobytes())
+    return (f"{tuning.mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-lr{tuning.lr_embedding:g}-"
+            f"{tuning.lr_text_encoder:g}-{tuning.lr_unet:g}-{digest.hexdigest()[:10]}")
 
 
 def _format(value: float, percent: bool = True) -> str:
@@ -173,10 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
                            lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet, seed=args.seed)
-        folder = work / (f"{mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-lr{tuning.lr_embedding:g}-"
-                         f"{tuning.lr_text_encoder:g}-{tuning.lr_unet:g}-seed{tuning.seed}")
         files, own = {}, {}
         for concept in used:
+            folder = work / tuning_folder_name(tuning, concept, image_size(components))
             path = folder / f"{concept.name}.{mode}.safetensors"
             start = time.perf_counter()
             files[concept.name] = path if path.is_file() else tune_concept(concept, base, components, folder,
