@@ -30,7 +30,7 @@ from mixofshow.errors import MixOfShowError
 from mixofshow.layout import load_layout
 from mixofshow.pipelines.pipeline_mixofshow import load_sampling_pipeline
 from mixofshow.studio import Studio, make_server
-from mixofshow.testing import save_tiny_base
+from mixofshow.testing import random_t2i_adapter, save_tiny_base, tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "src" / "mixofshow" / "studio" / "static"
@@ -170,8 +170,12 @@ def test_check_returns_the_file_that_load_layout_reads(server, tmp_path):
     ({"regions": [{"prompt": "a <nobody>", "box": [0, 0, 1, 1]}]}, ["regions[0].prompt", "<nobody>"]),
     ({"negative_prompt": "word " * 100}, ["negative_prompt", "tokens long"]),
     ({"seed": "7"}, ["seed", "whole number"]),
-    ({"regions": [{"prompt": "a cat", "mask": "mask.png"}]}, ["masks and spatial conditions"]),
-    ({"conditions": [{"type": "keypose", "model": "m", "image": "p.png"}]}, ["masks and spatial conditions"]),
+    ({"regions": [{"prompt": "a cat", "mask": "mask.png"}]}, ["region masks are not supported"]),
+    ({"conditions": [{"type": "keypose", "model": "m", "image": "p.png"}]}, ["conditions[0].image", "p.png"]),
+    ({"conditions": [{"type": "keypose", "model": "m", "image": "data:image/png;base64,!!"}]},
+     ["conditions[0].image", "not a readable image"]),
+    ({"conditions": [{"type": "pose", "model": "m", "image": "data:text/plain;base64,eA=="}]},
+     ["conditions[0].image", "data URL"]),
 ])
 def test_check_errors_name_the_field(server, changes, words):
     status, kind, body = request(server, "/api/check", {"layout": document(**changes)})
@@ -179,6 +183,57 @@ def test_check_errors_name_the_field(server, changes, words):
     error = json.loads(body)["error"]
     for word in words:
         assert word in error, error
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_condition_image_sent_as_data_url_is_saved_at_the_layout_size(server, tmp_path):
+    pose = Image.new("RGB", (50, 70), (0, 0, 0))  # not the layout's size: resized, as the page shows it
+    ImageDraw.Draw(pose).line([(10, 10), (40, 60)], fill=(255, 255, 255), width=3)
+    condition = {"type": "keypose", "model": "someone/an-adapter", "weight": 0.8, "image": data_url(pose)}
+    regions = [{"prompt": "a red cat", "box": [0, 0, 0.5, 1], "adapter_weight": 0.5}]
+    status, _, body = request(server, "/api/check", {"layout": document(regions=regions, conditions=[condition])})
+    assert status == 200, body
+    saved = json.loads(body)["layout"]["conditions"]
+    assert [(c["type"], c["model"], c["weight"]) for c in saved] == [("keypose", "someone/an-adapter", 0.8)]
+    path = Path(saved[0]["image"])
+    assert path.is_file() and path.parent == server.studio._uploads
+    expected = pose.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(expected))
+    # The YAML file names it, and loads as it is
+    (tmp_path / "layout.yaml").write_text(json.loads(body)["yaml"])
+    layout = load_layout(tmp_path / "layout.yaml")
+    assert layout.conditions[0].image == str(path) and layout.regions[0].adapter_weight == 0.5
+    # The same image again: the same file
+    again = json.loads(request(server, "/api/check", {"layout": document(conditions=[condition])})[2])
+    assert again["layout"]["conditions"][0]["image"] == str(path)
+    assert len(list(path.parent.iterdir())) == 1
+
+
+def test_generate_with_a_condition_from_the_page(server, tmp_path):
+    pipe = server.studio.pipe
+    components = {"unet": pipe.unet, "vae": pipe.vae}
+    random_t2i_adapter(components).save_pretrained(tmp_path / "adapter")
+    pose = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
+    ImageDraw.Draw(pose).rectangle([4, 4, 20, 28], fill=(255, 255, 255))
+    condition = {"type": "keypose", "model": str(tmp_path / "adapter"), "weight": 1.0, "image": data_url(pose)}
+    images, jobs = [], []
+    for conditions in ([condition], []):
+        _, _, body = request(server, "/api/generate", {"layout": document(conditions=conditions)})
+        jobs.append(wait_for_job(server, json.loads(body)["id"]))
+        assert jobs[-1]["state"] == "done", jobs[-1]
+        images.append(np.asarray(decode_png(request(server, jobs[-1]["image"])[2]).convert("RGB")))
+    assert not np.array_equal(*images)  # the adapter steered the sampling
+    (tmp_path / "layout.yaml").write_bytes(request(server, jobs[0]["layout"])[2])
+    layout = load_layout(tmp_path / "layout.yaml")
+    assert layout.conditions[0].model == str(tmp_path / "adapter")
+    # The layout file reproduces the image through the library
+    again = server.studio.pipe.sample_layout(layout, progress=False).images[0]
+    np.testing.assert_array_equal(images[0], np.asarray(again))
 
 
 def test_preview_is_draw_layout_preview(server):
@@ -190,10 +245,7 @@ def test_preview_is_draw_layout_preview(server):
     np.testing.assert_array_equal(np.asarray(decode_png(body)), np.asarray(expected))
 
     pose = Image.new("RGB", (64, 64), (0, 0, 0))
-    buffer = io.BytesIO()
-    pose.save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    _, _, body = request(server, "/api/preview", {"layout": document(), "background": url})
+    _, _, body = request(server, "/api/preview", {"layout": document(), "background": data_url(pose)})
     expected = draw_layout_preview(load_layout(document()), background=pose)
     np.testing.assert_array_equal(np.asarray(decode_png(body)), np.asarray(expected))
 
@@ -407,6 +459,26 @@ def test_page_in_headless_chromium(base, tmp_path):
         with urllib.request.urlopen(layout_url, timeout=30) as response:
             (tmp_path / "sampled.yaml").write_bytes(response.read())
         assert load_layout(tmp_path / "sampled.yaml") == layout
+
+        # The background as a spatial condition, weighted down in region 1, sampled with a tiny T2I-Adapter.
+        random_t2i_adapter(tiny_components(0)).save_pretrained(tmp_path / "adapter")
+        assert not find(By.ID, "condition").is_displayed()
+        find(By.ID, "use-condition").click()
+        assert find(By.ID, "condition").is_displayed()
+        find(By.ID, "condition-model").send_keys(str(tmp_path / "adapter"))
+        weights = browser.find_elements(By.CSS_SELECTOR, "#regions .region-adapter-weight")
+        assert all(w.is_displayed() for w in weights)
+        weights[1].clear()
+        weights[1].send_keys("0.5")
+        find(By.ID, "check").click()
+        wait.until(lambda b: "conditions:" in b.find_element(By.ID, "yaml").get_attribute("textContent"))
+        (tmp_path / "conditioned.yaml").write_text(find(By.ID, "yaml").get_attribute("textContent"))
+        conditioned = load_layout(tmp_path / "conditioned.yaml")
+        assert [(c.type, c.model) for c in conditioned.conditions] == [("keypose", str(tmp_path / "adapter"))]
+        assert [r.adapter_weight for r in conditioned.regions] == [1.0, 0.5]
+        assert Image.open(conditioned.conditions[0].image).size == (SIZE, SIZE)
+        find(By.ID, "generate").click()
+        wait.until(lambda b: "job 2: done" in b.find_element(By.ID, "job-status").text)
 
         browser.execute_script("document.getElementById('yaml-box').open = true")
         screenshot = tmp_path / "studio.png"

@@ -9,6 +9,9 @@ Endpoints (JSON in and out; layouts are the documents `load_layout` reads, with 
     GET  /                              the page (static/index.html, studio.js, studio.css)
     GET  /api/info                      the model: concept words, default size, schedulers, preview colours
     POST /api/check     {layout}        the checked layout and its YAML file text, or {error} (400)
+
+A layout's condition images may be data URLs (the page sends its background image so): the studio resizes
+each to the layout's size and keeps it as a PNG in its own temporary folder, which the layout file names.
     POST /api/preview   {layout, background?: data URL}   `draw_layout_preview` as PNG
     POST /api/generate  {layout}        starts sampling (202 with the job), 409 while another job runs
     GET  /api/jobs/ID                   the job's state and step (the page polls it)
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import io
 import ipaddress
 import itertools
@@ -29,8 +33,11 @@ import json
 import logging
 import re
 import secrets
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,7 +46,16 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import MixOfShowError
-from ..layout import _DECODE_ERRORS, MAX_SEED, PALETTE, SCHEDULER_NAMES, Layout, draw_layout_preview, load_layout
+from ..layout import (
+    _DECODE_ERRORS,
+    CONDITION_TYPES,
+    MAX_SEED,
+    PALETTE,
+    SCHEDULER_NAMES,
+    Layout,
+    draw_layout_preview,
+    load_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +122,16 @@ class Studio:
         self._pipe_lock = threading.Lock()
         self._jobs_lock = threading.Lock()
         self._ids = itertools.count(1)
+        # Condition images sent as data URLs; the folder goes when the studio does
+        self._uploads = Path(tempfile.mkdtemp(prefix="mixofshow-studio-"))
+        weakref.finalize(self, shutil.rmtree, self._uploads, ignore_errors=True)
 
     def info(self) -> dict:
         """What the page needs to know about the model."""
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return {"source": self.source, "concepts": self.pipe.concepts.words(), "width": size, "height": size,
                 "steps": 30, "guidance": 7.5, "schedulers": list(SCHEDULER_NAMES), "palette": PALETTE,
-                "max_seed": MAX_SEED}
+                "max_seed": MAX_SEED, "condition_types": list(CONDITION_TYPES)}
 
     # -- layouts ----------------------------------------------------------------------------------------------------
 
@@ -140,11 +159,38 @@ class Studio:
     def _load(self, document) -> Layout:
         if isinstance(document, dict):
             regions = document.get("regions") or []
-            if document.get("conditions") or any(isinstance(r, dict) and r.get("mask") is not None
-                                                 for r in regions):
-                raise MixOfShowError("the studio draws boxes only: masks and spatial conditions are not supported "
-                                     "here; sample such a layout with `mixofshow sample --layout`")
+            if isinstance(regions, list) and any(isinstance(r, dict) and r.get("mask") is not None for r in regions):
+                raise MixOfShowError("the studio draws boxes only: region masks are not supported here; sample such "
+                                     "a layout with `mixofshow sample --layout`")
+            document = self._with_saved_condition_images(document)
         return load_layout(document, base_dir=self.base_dir)
+
+    def _with_saved_condition_images(self, document: dict) -> dict:
+        """`document` with each condition image given as a data URL saved as a PNG of the layout's size."""
+        conditions = document.get("conditions")
+        if not isinstance(conditions, list):
+            return document  # absent, or load_layout names what is wrong
+        size = tuple(document.get(key) for key in ("width", "height"))
+        saved = []
+        for index, condition in enumerate(conditions):
+            image = condition.get("image") if isinstance(condition, dict) else None
+            if isinstance(image, str) and image.startswith("data:"):
+                condition = {**condition, "image": str(self._save_upload(image, f"conditions[{index}].image", size))}
+            saved.append(condition)
+        return {**document, "conditions": saved}
+
+    def _save_upload(self, url: str, where: str, size: tuple) -> Path:
+        """Save a data-URL image as RGB PNG, resized to `size` (width, height) when it holds two whole numbers."""
+        image = _decode_data_url(url, where).convert("RGB")
+        if all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 16384 for v in size):
+            image = image.resize(size, Image.Resampling.BILINEAR)  # as the page stretches it over the canvas
+        data = _png(image)
+        path = self._uploads / f"condition-{hashlib.sha1(data).hexdigest()[:16]}.png"
+        if not path.is_file():  # same content, same name; written whole, then renamed into place
+            partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+            partial.write_bytes(data)
+            partial.replace(path)
+        return path
 
     def _check_with_model(self, layout: Layout) -> None:
         from ..pipelines.regional import RegionPrompts
@@ -237,17 +283,17 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _decode_data_url(url: str) -> Image.Image:
-    """A `data:image/...;base64,...` URL as an image."""
+def _decode_data_url(url: str, where: str = "background") -> Image.Image:
+    """A `data:image/...;base64,...` URL as an image; errors name it as `where`."""
     match = re.fullmatch(r"data:image/[\w.+-]+;base64,(.*)", url if isinstance(url, str) else "", re.DOTALL)
     if not match:
-        raise MixOfShowError("background must be an image as a data URL (data:image/png;base64,...)")
+        raise MixOfShowError(f"{where} must be an image as a data URL (data:image/png;base64,...)")
     try:
         with Image.open(io.BytesIO(base64.b64decode(match.group(1), validate=True))) as image:
             image.load()
             return image.copy()
     except (binascii.Error, *_DECODE_ERRORS) as error:
-        raise MixOfShowError(f"background is not a readable image ({type(error).__name__}: {error}); "
+        raise MixOfShowError(f"{where} is not a readable image ({type(error).__name__}: {error}); "
                              "give a PNG or JPEG file") from None
 
 

@@ -13,11 +13,11 @@ const context = canvas.getContext("2d");
 
 const state = {
   info: null,
-  regions: [], // {x0, y0, x1, y1 (fractions), prompt, negative}
+  regions: [], // {x0, y0, x1, y1 (fractions), prompt, negative, adapterWeight (text as typed)}
   selected: -1,
   drag: null, // {mode: "new" | "move" | "resize", start, origin, anchor}
   background: null, // an HTMLImageElement
-  backgroundURL: null, // its data URL, sent for the server preview
+  backgroundURL: null, // its data URL, sent for the server preview and as the condition image
   job: null,
   timer: null,
 };
@@ -131,6 +131,11 @@ function renderRegions() {
     negative.value = region.negative;
     negative.addEventListener("input", () => { region.negative = negative.value; });
     negative.addEventListener("focus", () => select(index, false));
+    const weight = item.querySelector(".region-adapter-weight");
+    weight.value = region.adapterWeight;
+    weight.addEventListener("input", () => { region.adapterWeight = weight.value; });
+    weight.addEventListener("focus", () => select(index, false));
+    item.querySelector(".region-weight").classList.toggle("hidden", !usingCondition());
     item.querySelector(".region-delete").addEventListener("click", () => removeRegion(index));
     list.appendChild(item);
   });
@@ -224,7 +229,7 @@ window.addEventListener("mouseup", () => {
   const big = (r) => Math.round((r.x1 - r.x0) * width) >= 1 && Math.round((r.y1 - r.y0) * height) >= 1;
   if (drag.mode === "new") {
     if (drag.box && big(drag.box)) {
-      state.regions.push({ ...drag.box, prompt: "", negative: "" });
+      state.regions.push({ ...drag.box, prompt: "", negative: "", adapterWeight: "1" });
       state.selected = state.regions.length - 1;
       renderRegions();
       draw();
@@ -249,9 +254,17 @@ canvas.addEventListener("keydown", (event) => {
 
 // A number field's value: a number when it reads as one, else the text as typed, so the server's check names it.
 function numberField(id) {
-  const text = $(id).value.trim();
+  return numberValue($(id).value);
+}
+
+function numberValue(typed) {
+  const text = String(typed).trim();
   const value = Number(text);
   return text !== "" && Number.isFinite(value) ? value : text;
+}
+
+function usingCondition() {
+  return $("use-condition").checked && state.backgroundURL !== null;
 }
 
 // The layout as JSON text: what load_layout reads, boxes as fractions (every value <= 1). A seed keeps all its
@@ -272,8 +285,14 @@ function layoutJSON(extra = {}) {
     const region = { prompt: r.prompt };
     if (r.negative.trim() !== "") region.negative_prompt = r.negative;
     region.box = [r.x0, r.y0, r.x1, r.y1];
+    if (usingCondition() && numberValue(r.adapterWeight) !== 1) region.adapter_weight = numberValue(r.adapterWeight);
     return region;
   });
+  if (usingCondition()) {
+    // The server saves the image at the layout's size and names that file in the layout
+    document_.conditions = [{ type: $("condition-type").value, model: $("condition-model").value.trim(),
+      weight: numberField("condition-weight"), image: state.backgroundURL }];
+  }
   const text = JSON.stringify({ layout: document_, ...extra });
   return /^\d+$/.test(seed) ? text.replace('"@SEED@"', seed) : text;
 }
@@ -321,9 +340,11 @@ $("check").addEventListener("click", () => guarded(async () => {
 }));
 
 $("save-layout").addEventListener("click", () => guarded(async () => {
-  await check();
+  const data = await check();
   $("save-layout-link").click();
-  say("Saved layout.yaml: sample it with  mixofshow sample --model ... --layout layout.yaml");
+  const kept = data.layout.conditions.map((c) => `\nIts condition image, ${c.image}, is kept while the studio runs: `
+    + "copy it and change the path in the file to keep it.").join("");
+  say(`Saved layout.yaml: sample it with  mixofshow sample --model ... --layout layout.yaml${kept}`);
 }));
 
 $("preview-button").addEventListener("click", () => guarded(async () => {
@@ -407,6 +428,8 @@ $("background").addEventListener("change", () => {
       state.backgroundURL = reader.result;
       $("background-size").disabled = false;
       $("clear-background").disabled = false;
+      $("use-condition").disabled = false;
+      showCondition();
       draw();
     };
     image.onerror = () => say(`${file.name} is not an image the browser can read.`, "error");
@@ -430,8 +453,18 @@ $("clear-background").addEventListener("click", () => {
   $("background").value = "";
   $("background-size").disabled = true;
   $("clear-background").disabled = true;
+  $("use-condition").disabled = true;
+  showCondition();
   draw();
 });
+
+// The condition's settings and each region's condition weight show while the background is the condition.
+function showCondition() {
+  $("condition").classList.toggle("hidden", !usingCondition());
+  renderRegions();
+}
+
+$("use-condition").addEventListener("change", showCondition);
 
 $("delete-region").addEventListener("click", () => { if (state.selected >= 0) removeRegion(state.selected); });
 $("clear-regions").addEventListener("click", () => { state.regions = []; state.selected = -1; renderRegions(); draw(); });
@@ -460,6 +493,7 @@ guarded(async () => {
   $("steps").value = info.steps;
   $("guidance").value = info.guidance;
   for (const name of info.schedulers) $("scheduler").add(new Option(name, name));
+  for (const name of info.condition_types) $("condition-type").add(new Option(name, name));
   fitCanvas();
   renderRegions();
   $("status").textContent = "ready";
