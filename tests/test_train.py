@@ -118,6 +118,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
             torch.testing.assert_close(getattr(resumed, part)[module][1], up, rtol=0, atol=1e-6)
 
 
+def test_the_seed_alone_decides_the_run(tmp_path):
+    # PEFT draws the initial lora_A from torch's global generator; the run must not depend on its state.
+    runs = []
+    for global_seed, seed, name in ((1, 0, "a"), (2, 0, "b"), (1, 3, "c")):
+        components = tiny_components()
+        torch.manual_seed(global_seed)
+        cfg = config(tmp_path, steps=2, seed=seed, out=str(tmp_path / f"{name}.safetensors"))
+        runs.append(load_concept(train(cfg, components=components, progress=False)).unet_lora)
+    for module, (down, up) in runs[0].items():
+        torch.testing.assert_close(runs[1][module][0], down, rtol=0, atol=0)
+        torch.testing.assert_close(runs[1][module][1], up, rtol=0, atol=0)
+    assert any(not torch.equal(runs[2][module][0], down) for module, (down, _) in runs[0].items())
+
+
 def test_embedding_freeze_at_the_norm_limit(tmp_path):
     # The class word 'girl' starts far above a 0.01 limit: the embeddings freeze at once, LoRA still trains.
     trainer = EDLoRATrainer(config(tmp_path, embedding_norm_limit=0.01), components=tiny_components())

@@ -220,8 +220,10 @@ class EDLoRATrainer:
         # 3. Trainable parts: LoRA (PEFT) on both models, concept rows; everything else frozen
         for model in (unet, text_encoder, vae):
             model.requires_grad_(False)
-        add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
-        add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
+        with torch.random.fork_rng(devices=[]):  # PEFT draws lora_A from the global CPU generator: seed it here
+            torch.random.default_generator.manual_seed(config.seed)
+            add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
+            add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
         self.embedding = ConceptRowsEmbedding(text_encoder.get_input_embeddings(), first_id)
         text_encoder.set_input_embeddings(self.embedding)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
