@@ -66,8 +66,8 @@ class ToyTuning:
     """How a toy concept is tuned. The toy model is ~100x smaller than SD1.5, so its LoRA learning rates are higher.
     The embeddings learn at 3e-3: the more of a concept its embeddings carry, the less its LoRA has to, and gradient
     fusion then keeps it (six concepts: 1.0 of the own models' identity at 3e-3, 0.51 at 1e-4; freezing them at mean
-    norm 0.25 cost half of that). The cost: nova is drawn in fragments at 3e-3, and every concept at 1e-2.
-    Measurements: benchmarks/results/2026-11-26-session6-toyworld.md."""
+    norm 0.25 cost half of that; single draws before the LoRA initialisation was seeded, whose spread is as large as
+    those gaps). At 1e-2 every concept is drawn in fragments. Measurements: benchmarks/results/ (sessions 6, 7)."""
 
     mode: str = field(default="edlora", metadata={"help": "edlora, or lora (one embedding per word, the baseline)"})
     steps: int = field(default=400, metadata={"help": "optimizer steps per concept"})
