@@ -21,6 +21,7 @@ Run:
     python benchmarks/quality.py --base DIR             # the full table: n = 1, 2, 3, 6, 16 samples per prompt
     python benchmarks/quality.py                        # on the bundled toy model, once it is shipped
     python benchmarks/quality.py --base DIR --base-only # only the base model's prompt following (64 captions)
+    python benchmarks/quality.py --seeds 0,1,2          # three tuning seeds: each row's mean and range
 
 Concept files are kept in --work and reused by later runs with the same tuning settings and training images.
 """
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
     parser.add_argument("--seed", type=int, default=0, help="seeds the tuning data and the sampling noise")
+    parser.add_argument("--seeds", default=None,
+                        help="several seeds, e.g. 0,1,2: each tunes, fuses and samples anew; the table then gives "
+                             "each row's mean and its range over the seeds (default: --seed alone)")
     parser.add_argument("--base-prompts", type=int, default=64,
                         help="random base-world captions to check the base model's prompt following with (0: skip)")
     parser.add_argument("--base-only", action="store_true", help="only the base model's prompt following")
@@ -104,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ns = sorted({int(n) for n in args.ns.split(",")})
     args.methods = args.methods.split(",")
     args.modes = args.modes.split(",")
+    args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     if args.ns[-1] > len(args.concepts) or args.ns[0] < 1:
         parser.error(f"--ns {args.ns} needs 1 <= n <= the {len(args.concepts)} concepts given")
     return args
@@ -123,6 +128,32 @@ def _format(value: float, percent: bool = True) -> str:
     if math.isnan(value):
         return "—"
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per (mode, n, method) in first-seen order: every number the mean over the seeds, and `ranges`
+    holding each number's (lowest, highest)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["n"], row["method"]), []).append(row)
+    table = []
+    for (mode, n, method), group in groups.items():
+        keys = [k for k, v in group[0].items() if isinstance(v, float)]
+        # A seed whose value is undefined (a ratio to an own identity of 0) is left out of that number
+        values = {k: [row[k] for row in group if not math.isnan(row[k])] for k in keys}
+        table.append({"mode": mode, "n": n, "method": method, "seeds": len(group),
+                      **{k: sum(v) / len(v) if v else float("nan") for k, v in values.items()},
+                      "ranges": {k: (min(v), max(v)) if v else (float("nan"),) * 2 for k, v in values.items()}})
+    return table
+
+
+def _cell(row: dict, key: str, percent: bool) -> str:
+    """A mean, with its [lowest, highest] over the seeds when there were several."""
+    text = _format(row[key], percent)
+    if row["seeds"] > 1 and not math.isnan(row[key]):
+        low, high = row["ranges"][key]
+        text += f" [{_format(low, percent)}, {_format(high, percent)}]"
+    return text
 
 
 def _ratio(value: float, reference: float) -> float:
@@ -155,36 +186,19 @@ def base_prompt_following(components: dict, classifier, n: int, sampling: dict) 
     return summarize(groups["all objects"], columns)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = not args.quiet
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    started = time.perf_counter()
-    base, components, classifier = load_toy_world(args.base)
+def measure(args: argparse.Namespace, seed: int, base, components: dict, classifier, timings: dict,
+            progress: bool) -> list[dict]:
+    """One seed's rows: tune every concept (or reuse its file), score its own model, fuse the first n with every
+    method and score the fused model; `timings` gathers the seconds per stage."""
     work = Path(args.work)
-    sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "progress": progress}
-    targets = {c.name: concept_targets(c, args.prompts, args.seed) for c in args.concepts}
+    sampling = {"steps": args.steps, "guidance": args.guidance, "seed": seed, "progress": progress}
+    targets = {c.name: concept_targets(c, args.prompts, seed) for c in args.concepts}
     used = args.concepts[:args.ns[-1]]
-    rows, timings = [], {"tuning": 0.0, "fusion": 0.0, "sampling and scoring": 0.0}
-    if args.base_prompts:
-        start = time.perf_counter()
-        base_prompt_following(components, classifier, args.base_prompts, sampling)
-        timings["base model"] = time.perf_counter() - start
-        if args.base_only:
-            return
-
+    rows = []
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
-                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet, seed=args.seed)
+                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet, seed=seed)
         files, own = {}, {}
         for concept in used:
             folder = work / tuning_folder_name(tuning, concept, image_size(components))
@@ -204,13 +218,13 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.ns:
             names = [c.name for c in used[:n]]
             reference = summarize([s for name in names for s in own[name]])
-            rows.append({"mode": mode, "n": n, "method": "own models", **reference, "identity_ratio": 1.0,
-                         "identity_p_ratio": 1.0, "fidelity_ratio": 1.0, "binding": float("nan"),
-                         "binding_p": float("nan")})
+            rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
+                         "identity_ratio": 1.0, "identity_p_ratio": 1.0, "fidelity_ratio": 1.0,
+                         "binding": float("nan"), "binding_p": float("nan")})
             for method in args.methods:
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
-                                    work / "fused" / f"{mode}-{n}-{method}", method, args.fusion_steps,
+                                    work / "fused" / f"{mode}-{n}-{method}-seed{seed}", method, args.fusion_steps,
                                     args.guidance, progress, args.rcond)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -231,42 +245,73 @@ def main(argv: list[str] | None = None) -> None:
                 timings["sampling and scoring"] += time.perf_counter() - start
                 fidelity = sum(summary[m] for m in FIDELITY) / len(FIDELITY)
                 own_fidelity = sum(reference[m] for m in FIDELITY) / len(FIDELITY)
-                rows.append({"mode": mode, "n": n, "method": method, **summary,
+                rows.append({"seed": seed, "mode": mode, "n": n, "method": method, **summary,
                              "identity_ratio": _ratio(summary["identity"], reference["identity"]),
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
                              "binding_p": binding["binding_p"]})
+    return rows
 
-    # 3. The table
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    started = time.perf_counter()
+    base, components, classifier = load_toy_world(args.base)
+    sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "progress": progress}
+    used = args.concepts[:args.ns[-1]]
+    timings = {"tuning": 0.0, "fusion": 0.0, "sampling and scoring": 0.0}
+    if args.base_prompts:
+        start = time.perf_counter()
+        base_prompt_following(components, classifier, args.base_prompts, sampling)
+        timings["base model"] = time.perf_counter() - start
+        if args.base_only:
+            return
+
+    rows = [row for seed in args.seeds
+            for row in measure(args, seed, base, components, classifier, timings, progress)]
+
+    # 3. The table: one row per (mode, n, method), the mean over the seeds and, with several, its range
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
           f"{args.tune_batch}, rank {args.tune_rank}, learning rates {args.tune_lr_embedding:g} (embeddings) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; sampling {args.steps} steps, "
-          f"guidance {args.guidance:g}; "
+          f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
+    if len(args.seeds) > 1:
+        print("Each cell: the mean over the seeds (a seed whose own identity is 0 has no ratio and is left out of "
+              "it), and [lowest, highest] for the ratios and binding.\n")
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "identity p vs own",
               "fidelity vs own", "regional binding", "binding p"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for row in rows:
+    table = seed_means(rows)
+    for row in table:
         cells = [row["mode"], str(row["n"]), row["method"], *(_format(row[m]) for m in COLUMNS),
-                 _format(row["identity_ratio"], False), _format(row["identity_p_ratio"], False),
-                 _format(row["fidelity_ratio"], False),
-                 _format(row["binding"]), _format(row["binding_p"])]
+                 _cell(row, "identity_ratio", False), _cell(row, "identity_p_ratio", False),
+                 _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"])]
         print("| " + " | ".join(cells) + " |")
     print()
-    for row in rows:
+    for row in table:
         if row["method"] == "gradient" and row["n"] == 6:
             met = "met" if row["identity_ratio"] >= IDENTITY_GOAL else "NOT met"
             print(f"goal ({row['mode']}): gradient fusion keeps >= {IDENTITY_GOAL:.0%} of identity at n = 6: "
-                  f"{_format(row['identity_ratio'], False)} — {met} (soft identity: "
+                  f"{_cell(row, 'identity_ratio', False)} — {met} (soft identity: "
                   f"{_format(row['identity_p_ratio'], False)})")
         if row["n"] == 3 and not math.isnan(row["binding"]):
             met = "met" if row["binding"] >= BINDING_GOAL else "NOT met"
             print(f"goal ({row['mode']}, {row['method']}): >= {BINDING_GOAL:.0%} regional binding with 3 concepts: "
-                  f"{_format(row['binding'])} — {met}")
-
+                  f"{_cell(row, 'binding', True)} — {met}")
 
 if __name__ == "__main__":
     main()
