@@ -9,15 +9,15 @@ Endpoints (JSON in and out; layouts are the documents `load_layout` reads, with 
     GET  /                              the page (static/index.html, studio.js, studio.css)
     GET  /api/info                      the model: concept words, default size, schedulers, preview colours
     POST /api/check     {layout}        the checked layout and its YAML file text, or {error} (400)
-
-A layout's condition images may be data URLs (the page sends its background image so): the studio resizes
-each to the layout's size and keeps it as a PNG in its own temporary folder, which the layout file names.
     POST /api/preview   {layout, background?: data URL}   `draw_layout_preview` as PNG
     POST /api/generate  {layout}        starts sampling (202 with the job), 409 while another job runs
     GET  /api/jobs/ID                   the job's state and step (the page polls it)
     POST /api/jobs/ID/cancel            stops it after the current step
     GET  /api/jobs/ID/image.png         the image
     GET  /api/jobs/ID/layout.yaml       the layout file it was sampled from (its seed included)
+
+A layout's condition images may be data URLs (the page sends its background image so): the studio resizes each to
+the layout's size and keeps it as a PNG in its own temporary folder, which the layout file names.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ..layout import (
     _DECODE_ERRORS,
     CONDITION_TYPES,
     MAX_SEED,
+    MAX_SIZE,
     PALETTE,
     SCHEDULER_NAMES,
     Layout,
@@ -182,7 +183,7 @@ class Studio:
     def _save_upload(self, url: str, where: str, size: tuple) -> Path:
         """Save a data-URL image as RGB PNG, resized to `size` (width, height) when it holds two whole numbers."""
         image = _decode_data_url(url, where).convert("RGB")
-        if all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 16384 for v in size):
+        if all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_SIZE for v in size):
             image = image.resize(size, Image.Resampling.BILINEAR)  # as the page stretches it over the canvas
         data = _png(image)
         path = self._uploads / f"condition-{hashlib.sha1(data).hexdigest()[:16]}.png"
