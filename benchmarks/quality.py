@@ -108,7 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ns = sorted({int(n) for n in args.ns.split(",")})
     args.methods = args.methods.split(",")
     args.modes = args.modes.split(",")
-    args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r} must be whole numbers separated by commas, e.g. 0,1,2")
     if args.ns[-1] > len(args.concepts) or args.ns[0] < 1:
         parser.error(f"--ns {args.ns} needs 1 <= n <= the {len(args.concepts)} concepts given")
     return args

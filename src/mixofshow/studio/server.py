@@ -45,6 +45,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..concept_file import write_atomically
 from ..errors import MixOfShowError
 from ..layout import (
     _DECODE_ERRORS,
@@ -187,10 +188,8 @@ class Studio:
             image = image.resize(size, Image.Resampling.BILINEAR)  # as the page stretches it over the canvas
         data = _png(image)
         path = self._uploads / f"condition-{hashlib.sha1(data).hexdigest()[:16]}.png"
-        if not path.is_file():  # same content, same name; written whole, then renamed into place
-            partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-            partial.write_bytes(data)
-            partial.replace(path)
+        if not path.is_file():  # same content, same name
+            write_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
         return path
 
     def _check_with_model(self, layout: Layout) -> None:
