@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-steps", type=int, default=ToyTuning.steps, help="tuning steps per concept")
     parser.add_argument("--tune-batch", type=int, default=ToyTuning.batch_size, help="tuning batch size")
     parser.add_argument("--tune-rank", type=int, default=ToyTuning.rank, help="LoRA rank of the tuned concepts")
+    parser.add_argument("--tune-unet-lora-layers", default=ToyTuning.unet_lora_layers,
+                        choices=("attention", "cross_attention"), help="UNet layers with LoRA")
     parser.add_argument("--tune-lr-embedding", type=float, default=ToyTuning.lr_embedding,
                         help="learning rate of the concept embeddings")
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
@@ -201,7 +203,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
-                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet, seed=seed)
+                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet,
+                           unet_lora_layers=args.tune_unet_lora_layers, seed=seed)
         files, own = {}, {}
         for concept in used:
             folder = work / tuning_folder_name(tuning, concept, image_size(components))
@@ -286,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. The table: one row per (mode, n, method), the mean over the seeds and, with several, its range
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
-          f"{args.tune_batch}, rank {args.tune_rank}, learning rates {args.tune_lr_embedding:g} (embeddings) / "
+          f"{args.tune_batch}, rank {args.tune_rank}, UNet LoRA on {args.tune_unet_lora_layers}, learning rates "
+          f"{args.tune_lr_embedding:g} (embeddings) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; sampling {args.steps} steps, "
           f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "

@@ -3,15 +3,17 @@ fused folders, renaming, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from mixofshow import MixOfShowError, MixOfShowPipeline
+from mixofshow import MixOfShowError, MixOfShowPipeline, load_concept
 from mixofshow.cli import main
 from mixofshow.concept_file import save_concept
 from mixofshow.config import load_fuse_config
@@ -75,6 +77,20 @@ def test_every_layer_objective_is_never_worse_than_the_base(tmp_path, concepts, 
         assert row["objective_fused"] <= row[start] * (1 + 1e-9) + 1e-9
         if method == "gradient":
             assert row["objective_fused"] <= row["objective_weight_fusion"] * (1 + 1e-9) + 1e-9
+
+
+def test_a_concept_with_lora_on_fewer_layers_fuses(tmp_path, concepts):
+    # `unet_lora_layers: cross_attention` files hold no self-attention LoRA: exact alone, a zero delta beside others
+    full = load_concept(concepts[0])
+    cross = dataclasses.replace(full, unet_lora={path: ab for path, ab in full.unet_lora.items()
+                                                 if re.search(r"attn2\.(to_k|to_v|to_out\.0)$", path)})
+    path = save_concept(cross, tmp_path / "cross.safetensors")
+    alone = MixOfShowPipeline.from_base(run_fusion(tmp_path, [path], name="alone"))
+    torch.testing.assert_close(sample(alone, WORDS[0]), sample(own_model(path), WORDS[0]), rtol=1e-4, atol=1e-4)
+    report = json.loads((run_fusion(tmp_path, [path, concepts[1]], name="mixed") / "fusion_report.json").read_text())
+    rows = [row for part in report["layers"].values() for row in part.values()]
+    assert len(rows) == 8 + 56
+    assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows)
 
 
 def test_fused_folder_loads_in_diffusers_and_knows_its_concepts(tmp_path, concepts):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -132,6 +134,17 @@ def test_the_seed_alone_decides_the_run(tmp_path):
     assert any(not torch.equal(runs[2][module][0], down) for module, (down, _) in runs[0].items())
 
 
+def test_cross_attention_lora_touches_only_cross_attention_key_value_and_output(tmp_path):
+    cfg = config(tmp_path, steps=2, unet_lora_layers="cross_attention")
+    concept = load_concept(train(cfg, components=tiny_components(), progress=False))
+    paths = sorted(concept.unet_lora)
+    all_attention = sorted(load_concept(train(config(tmp_path, steps=1, out=str(tmp_path / "all.safetensors")),
+                                              components=tiny_components(), progress=False)).unet_lora)
+    assert paths == [p for p in all_attention if re.search(r"attn2\.(to_k|to_v|to_out\.0)$", p)]
+    assert paths and any(not torch.equal(up, torch.zeros_like(up)) for _, up in concept.unet_lora.values())
+    assert concept.text_encoder_lora  # the text encoder's LoRA is unchanged by the option
+
+
 def test_embedding_freeze_at_the_norm_limit(tmp_path):
     # The class word 'girl' starts far above a 0.01 limit: the embeddings freeze at once, LoRA still trains.
     trainer = EDLoRATrainer(config(tmp_path, embedding_norm_limit=0.01), components=tiny_components())
@@ -175,6 +188,7 @@ def test_attention_regularisation_reaches_the_lora_weights(tmp_path):
         ({"init": ["girl"]}, "one per word"),
         ({"mode": "dreambooth"}, "mode"),
         ({"steps": 0}, "steps"),
+        ({"unet_lora_layers": "everything"}, "unet_lora_layers"),
         ({"out": "concept.pth"}, ".safetensors"),
     ],
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import MixOfShowError
+from .lora import UNET_TARGET_PATTERNS
 
 
 def _help(text: str, **kwargs):
@@ -36,6 +37,9 @@ class TrainConfig:
     rank: int = _help("LoRA rank", default=4)
     alpha: float = _help("LoRA alpha, PEFT convention (scale = alpha / rank); 4 = the official alpha 1.0",
                          default=4.0)
+    unet_lora_layers: str = _help("UNet layers with LoRA: 'attention' (self- and cross-attention, the official) or "
+                                  "'cross_attention' (its key, value and output only: fuses with less loss)",
+                                  default="attention")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("images per step per process", default=2)
     gradient_accumulation: int = _help("micro-batches per optimizer step", default=1)
@@ -158,6 +162,9 @@ def validate_train_config(config: TrainConfig) -> None:
     """Raise for values that type-check but make no sense."""
     if config.mode not in ("edlora", "lora"):
         raise MixOfShowError(f"field 'mode' must be 'edlora' or 'lora', got {config.mode!r}")
+    if config.unet_lora_layers not in UNET_TARGET_PATTERNS:
+        raise MixOfShowError(f"field 'unet_lora_layers' must be one of {', '.join(UNET_TARGET_PATTERNS)}, got "
+                             f"{config.unet_lora_layers!r}")
     if len(config.init) != len(config.words):
         raise MixOfShowError(
             f"field 'init' has {len(config.init)} initialisers for {len(config.words)} words {list(config.words)}: "

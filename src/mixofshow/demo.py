@@ -79,6 +79,8 @@ class ToyTuning:
     lr_text_encoder: float = field(default=3e-4, metadata={"help": "learning rate of the text-encoder LoRA"})
     lr_unet: float = field(default=2e-3, metadata={"help": "learning rate of the UNet LoRA"})
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
+    unet_lora_layers: str = field(default="attention", metadata={"help": "UNet layers with LoRA: attention or "
+                                                                        "cross_attention (TrainConfig)"})
     seed: int = field(default=0, metadata={"help": "seeds the rendered images and the tuning"})
 
 
@@ -188,7 +190,8 @@ def tune_concept(concept: Concept, base: str | Path, components: dict, work: str
         out=str(work / f"{concept.name}.{tuning.mode}.safetensors"), words=list(concept.words),
         init=list(concept.initializers), mode=tuning.mode, steps=tuning.steps, batch_size=tuning.batch_size,
         resolution=image_size(components), rank=tuning.rank, alpha=float(tuning.rank),
-        lr_embedding=tuning.lr_embedding, lr_text_encoder=tuning.lr_text_encoder, lr_unet=tuning.lr_unet,
+        unet_lora_layers=tuning.unet_lora_layers, lr_embedding=tuning.lr_embedding,
+        lr_text_encoder=tuning.lr_text_encoder, lr_unet=tuning.lr_unet,
         embedding_norm_limit=tuning.embedding_norm_limit,
         flip_p=0.0,  # captions name the position: a flipped image would contradict its caption
         validation_steps=0, seed=tuning.seed)

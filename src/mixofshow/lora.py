@@ -12,8 +12,15 @@ from .errors import MixOfShowError
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# UNet LoRA goes on the transformer blocks' self- (attn1) and cross-attention (attn2) only.
-UNET_TARGET_PATTERN = r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+# Which UNet linears get LoRA (TrainConfig.unet_lora_layers). "attention": the transformer blocks' self- (attn1) and
+# cross-attention (attn2), as the official ED-LoRA. "cross_attention": only the cross-attention's key, value and
+# output (Custom Diffusion tunes key and value only): they see the concept's own text features, not the image
+# features every concept shares, so gradient fusion has less to reconcile.
+UNET_TARGET_PATTERNS = {
+    "attention": r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    "cross_attention": r".*transformer_blocks\.\d+\.attn2\.(to_k|to_v|to_out\.0)",
+}
+UNET_TARGET_PATTERN = UNET_TARGET_PATTERNS["attention"]  # the widest choice: what fusion looks for
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
 

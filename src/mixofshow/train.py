@@ -27,7 +27,7 @@ from .concept_file import ConceptFile, fingerprint, read_safetensors, save_conce
 from .config import TrainConfig
 from .data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
 from .errors import MixOfShowError
-from .lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PATTERN, add_lora, lora_parameters, read_lora
+from .lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PATTERNS, add_lora, lora_parameters, read_lora
 from .models import load_base_components
 from .tokens import RANDOM_INIT, ConceptVocabulary, check_new_words, encode_layerwise, initial_embedding
 
@@ -223,7 +223,7 @@ class EDLoRATrainer:
         with torch.random.fork_rng(devices=[]):  # PEFT draws lora_A from the global CPU generator: seed it here
             torch.random.default_generator.manual_seed(config.seed)
             add_lora(text_encoder, TEXT_ENCODER_TARGETS, config.rank, config.alpha, ADAPTER)
-            add_lora(unet, UNET_TARGET_PATTERN, config.rank, config.alpha, ADAPTER)
+            add_lora(unet, UNET_TARGET_PATTERNS[config.unet_lora_layers], config.rank, config.alpha, ADAPTER)
         self.embedding = ConceptRowsEmbedding(text_encoder.get_input_embeddings(), first_id)
         text_encoder.set_input_embeddings(self.embedding)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
