@@ -161,6 +161,23 @@ def _cell(row: dict, key: str, percent: bool) -> str:
     return text
 
 
+def print_per_seed(rows: list[dict], seeds: list[int]) -> None:
+    """Each fused row's identity kept and binding per seed, so that orderings can be checked seed by seed."""
+    cells: dict[tuple, dict[int, str]] = {}
+    for row in rows:
+        if row["method"] != "own models":
+            text = _format(row["identity_ratio"], False)
+            if not math.isnan(row["binding"]):
+                text += f" / {_format(row['binding'])}"
+            cells.setdefault((row["mode"], row["n"], row["method"]), {})[row["seed"]] = text
+    print("Per seed: identity kept (/ regional binding)\n")
+    print("| mode | n | method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
+    print("|" + "---|" * (3 + len(seeds)))
+    for (mode, n, method), by_seed in cells.items():
+        print(f"| {mode} | {n} | {method} | " + " | ".join(by_seed.get(seed, "—") for seed in seeds) + " |")
+    print()
+
+
 def _ratio(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                  _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"])]
         print("| " + " | ".join(cells) + " |")
     print()
+    if len(args.seeds) > 1:
+        print_per_seed(rows, args.seeds)
     for row in table:
         if row["method"] == "gradient" and row["n"] == 6:
             met = "met" if row["identity_ratio"] >= IDENTITY_GOAL else "NOT met"
