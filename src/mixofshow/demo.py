@@ -68,8 +68,8 @@ class ToyTuning:
     concepts kept 1.0 of the own models' identity at 3e-3, 0.51 at 1e-4, single unseeded draws). Over three tuning
     seeds, six concepts fused by gradient fusion kept 0.60 [0.25, 0.88] with the UNet LoRA at 2e-3 and 0.76 [0.62,
     1.01] at 5e-4, with more absolute identity and better three-region binding too: the UNet LoRA learns 6x slower
-    than the embeddings (the official recipe: 10x). At 1e-2 every embedding is drawn in fragments. Measurements:
-    benchmarks/results/ (sessions 6-8)."""
+    than the embeddings (the official recipe: 10x). With embeddings at 1e-2 every concept is drawn in fragments.
+    Measurements: benchmarks/results/ (sessions 6-8)."""
 
     mode: str = field(default="edlora", metadata={"help": "edlora, or lora (one embedding per word, the baseline)"})
     steps: int = field(default=400, metadata={"help": "optimizer steps per concept"})
