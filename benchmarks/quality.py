@@ -50,6 +50,7 @@ from mixofshow.demo import (
     score_samples,
     tune_concept,
 )
+from mixofshow.lora import UNET_TARGET_PATTERNS
 from mixofshow.toyworld.concepts import Concept, concept_scenes, get_concept
 from mixofshow.toyworld.evaluate import (
     HEADS,
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-batch", type=int, default=ToyTuning.batch_size, help="tuning batch size")
     parser.add_argument("--tune-rank", type=int, default=ToyTuning.rank, help="LoRA rank of the tuned concepts")
     parser.add_argument("--tune-unet-lora-layers", default=ToyTuning.unet_lora_layers,
-                        choices=("attention", "cross_attention"), help="UNet layers with LoRA")
+                        choices=tuple(UNET_TARGET_PATTERNS), help="UNet layers with LoRA")
     parser.add_argument("--tune-lr-embedding", type=float, default=ToyTuning.lr_embedding,
                         help="learning rate of the concept embeddings")
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
           f"{args.tune_batch}, rank {args.tune_rank}, UNet LoRA on {args.tune_unet_lora_layers}, learning rates "
-          f"{args.tune_lr_embedding:g} (embeddings) / "
-          f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; sampling {args.steps} steps, "
+          f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; "
+          f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             met = "met" if row["binding"] >= BINDING_GOAL else "NOT met"
             print(f"goal ({row['mode']}, {row['method']}): >= {BINDING_GOAL:.0%} regional binding with 3 concepts: "
                   f"{_cell(row, 'binding', True)} — {met}")
+
 
 if __name__ == "__main__":
     main()
