@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from mixofshow.concept_file import fingerprint
 from mixofshow.demo import (
     TOY_FUSION_RCOND,
     ToyTuning,
@@ -120,12 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tuning_folder_name(tuning: ToyTuning, concept: Concept, size: int) -> str:
-    """The --work subfolder for `concept` tuned with `tuning`: readable settings plus a digest of every tuning field
-    and of the rendered training images, so that a file tuned on other data or settings is never reused."""
+def tuning_folder_name(tuning: ToyTuning, concept: Concept, components: dict) -> str:
+    """The --work subfolder for `concept` tuned with `tuning` on the base model `components`: readable settings plus
+    a digest of every tuning field, of the base model's weight fingerprint and of the rendered training images, so
+    that a file tuned on another base model, other data or other settings is never reused."""
     digest = hashlib.sha1(repr(tuning).encode())
+    digest.update(repr(fingerprint(components["tokenizer"], components["text_encoder"], components["unet"])).encode())
     for scene in concept_scenes(concept, tuning.images, tuning.seed):
-        digest.update(render(scene, size).tobytes())
+        digest.update(render(scene, image_size(components)).tobytes())
     return (f"{tuning.mode}-{tuning.steps}x{tuning.batch_size}-rank{tuning.rank}-lr{tuning.lr_embedding:g}-"
             f"{tuning.lr_text_encoder:g}-{tuning.lr_unet:g}-{digest.hexdigest()[:10]}")
 
@@ -225,7 +228,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                            unet_lora_layers=args.tune_unet_lora_layers, seed=seed)
         files, own = {}, {}
         for concept in used:
-            folder = work / tuning_folder_name(tuning, concept, image_size(components))
+            folder = work / tuning_folder_name(tuning, concept, components)
             path = folder / f"{concept.name}.{mode}.safetensors"
             start = time.perf_counter()
             files[concept.name] = path if path.is_file() else tune_concept(concept, base, components, folder,
