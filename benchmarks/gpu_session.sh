@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of a session with the device tool. Stages run in order, each under its own timeout,
-# and write their tables under $OUT: STAGES="regional fusion toyworld train_step" picks them.
+# and write their tables under $OUT: STAGES="regional fusion toyworld quality train_step" picks them.
 # Expects wheels/diffusers-*.whl carried along (the device image has torch, transformers, peft, accelerate).
 # A CPU dry run of the same stages: DEVICE=cpu MODEL=tiny STAGES="regional fusion toyworld" bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -37,6 +37,9 @@ for stage in $STAGES; do
       # At most 8 files of 16 MiB come back from $OUT: the ~20 MB folder travels as 15 MB pieces
       # (here: cat toyworld.tar.gz.part-* | tar -xz -C src/mixofshow/assets).
       tar -C "$OUT" -czf - toyworld | split -b 15M - "$OUT/toyworld.tar.gz.part-" && rm -rf "$OUT/toyworld" ;;
+    quality)  # the toy world's fusion-quality table with the models on the GPU (QUALITY_FLAGS: its options)
+      timeout "${QUALITY_TIMEOUT:-300}" python benchmarks/quality.py --device "$DEVICE" --quiet \
+        ${QUALITY_FLAGS:---quick} 2>&1 | quiet | grep -v -e "requires torchvision" | tee "$OUT/quality.txt" ;;
     train_step)
       timeout "${TRAIN_TIMEOUT:-360}" python benchmarks/train_step.py --device "$DEVICE" --resolution 512 \
         --batch-size 2 --precision "${PRECISION:-fp16}" --steps 20 --warmup 5 \

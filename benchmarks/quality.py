@@ -11,7 +11,8 @@ nova and vega both stars), each fusion method (weight, gradient, zip) and each t
   metrics, the ratio to the concepts' own models measured in the same run; identity also softly (identity p: the
   classifier's mean probability of the concept, continuous like CLIP similarity), with its ratio;
 - regional binding, for n = 2 and 3: a layout with one region per concept (left/right or left/center/right), each
-  region's object classified: the share of regions holding their own concept.
+  region's object classified: the share of regions holding their own concept. Its ceiling, in the own-models row:
+  each region's object alone (same size, place, background and noise) drawn by its concept's own model.
 
 Goals (issue 5): gradient fusion keeps >= 95% of the own models' identity at n = 6; with 3 concepts, >= 90% of the
 regions hold their own concept.
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-only", action="store_true", help="only the base model's prompt following")
     parser.add_argument("--quick", action="store_true",
                         help="2 concepts, n = 1, 2, 1 prompt x 2 samples, 20 tuning steps, 10 sampling steps")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu or cuda (tuning runs where "
+                                                        "accelerate puts it, the GPU whenever there is one)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -245,9 +248,21 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
         for n in args.ns:
             names = [c.name for c in used[:n]]
             reference = summarize([s for name in names for s in own[name]])
+            own_binding = {"binding": float("nan"), "binding_p": float("nan")}
+            if n in (2, 3):  # the ceiling of binding: each region's object alone, drawn by its concept's own model
+                start = time.perf_counter()
+                layout, parts = composition_target(used[:n]), []
+                for index, name in enumerate(names):
+                    part = [layout.part(index)]
+                    images = sample_targets(concept_pipeline(components, [files[name]]), part, args.samples,
+                                            desc=f"{mode}: {name}'s own model, region {index} alone", **sampling)
+                    parts += [s for group in score_samples(classifier, images, part) for s in group]
+                alone = summarize(parts, ("identity", "identity_p"))
+                own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"]}
+                timings["sampling and scoring"] += time.perf_counter() - start
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
-                         "identity_ratio": 1.0, "identity_p_ratio": 1.0, "fidelity_ratio": 1.0,
-                         "binding": float("nan"), "binding_p": float("nan")})
+                         "identity_ratio": 1.0, "identity_p_ratio": 1.0, "fidelity_ratio": 1.0, **own_binding,
+                         "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
             for method in args.methods:
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
@@ -255,7 +270,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                                     args.guidance, progress, args.rcond)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
-                pipe = fused_pipeline(out)
+                pipe = fused_pipeline(out).to(args.device)
                 scores = []
                 for name in names:
                     images = sample_targets(pipe, targets[name], args.samples,
@@ -276,7 +291,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                              "identity_ratio": _ratio(summary["identity"], reference["identity"]),
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
-                             "binding_p": binding["binding_p"]})
+                             "binding_p": binding["binding_p"],
+                             "binding_ratio": _ratio(binding["binding"], own_binding["binding"])})
     return rows
 
 
@@ -294,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     base, components, classifier = load_toy_world(args.base)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(args.device)
     sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "progress": progress}
     used = args.concepts[:args.ns[-1]]
     timings = {"tuning": 0.0, "fusion": 0.0, "sampling and scoring": 0.0}
@@ -314,22 +332,25 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; "
           f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
-          f"torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
+          f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
     if len(args.seeds) > 1:
         print("Each cell: the mean over the seeds (a seed whose own identity is 0 has no ratio and is left out of "
               "it), and [lowest, highest] for the ratios and binding.\n")
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "identity p vs own",
-              "fidelity vs own", "regional binding", "binding p"]
+              "fidelity vs own", "regional binding", "binding p", "binding vs own"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = seed_means(rows)
     for row in table:
         cells = [row["mode"], str(row["n"]), row["method"], *(_format(row[m]) for m in COLUMNS),
                  _cell(row, "identity_ratio", False), _cell(row, "identity_p_ratio", False),
-                 _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"])]
+                 _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"]),
+                 _cell(row, "binding_ratio", False)]
         print("| " + " | ".join(cells) + " |")
-    print()
+    print("\nRegional binding of the own-models rows: the identity each concept's own model reaches drawing its "
+          "region's object alone (same size, place, background and noise), the ceiling of binding; 'binding vs "
+          "own' is the fused model's binding over it.\n")
     if len(args.seeds) > 1:
         print_per_seed(rows, args.seeds)
     for row in table:

@@ -94,6 +94,15 @@ def test_column_regions_split_between_objects():
     assert torch.equal(masks.sum(0), torch.ones(64, 64))  # the three regions tile the image
 
 
+def test_a_composition_part_is_its_object_alone_with_the_region_prompt():
+    three = composition_target([get_concept(n) for n in ("pip", "nova", "moss")])
+    part = three.part(1)
+    assert part.scene.objects == (three.scene.objects[1],) and part.scene.background == three.scene.background
+    assert part.concepts == ("nova",) and part.regions == ((0.0, 0.0, 1.0, 1.0),)
+    assert part.prompt() == three.region_prompt(1) == "a small <nova1> <nova2> in the center, " \
+        f"{three.scene.background} background"
+
+
 class Oracle:
     """A classifier stand-in that answers the truth of the targets, object by object, with planted mistakes."""
 

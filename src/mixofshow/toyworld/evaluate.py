@@ -86,11 +86,14 @@ class Target:
         names = {i: words.get(c) or " ".join(get_concept(c).words) for i, c in enumerate(self.concepts) if c}
         return caption(self.scene, names)
 
+    def part(self, index: int) -> Target:
+        """Object `index` alone on the same background (looked for in the whole image)."""
+        return Target(Scene(self.scene.background, (self.scene.objects[index],)), (self.concepts[index],))
+
     def region_prompt(self, index: int, words: Mapping[str, str] | None = None) -> str:
         """The prompt of object `index` alone (for regional sampling): "a small <pip1> <pip2> on the left, white
         background"."""
-        single = Target(Scene(self.scene.background, (self.scene.objects[index],)), (self.concepts[index],))
-        return single.prompt(words)
+        return self.part(index).prompt(words)
 
 
 @dataclass(frozen=True)
