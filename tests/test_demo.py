@@ -12,7 +12,7 @@ import torch
 
 from mixofshow import cli
 from mixofshow.concept_file import load_concept
-from mixofshow.demo import DemoConfig, annotated_grid, load_toy_world, region_prompts
+from mixofshow.demo import REGIONS_ALONE, DemoConfig, annotated_grid, load_toy_world, region_prompts
 from mixofshow.errors import MixOfShowError
 from mixofshow.toyworld import Scene, ToyObject, random_scene, render, render_with_masks
 from mixofshow.toyworld.classifier import load_classifier
@@ -229,7 +229,8 @@ def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
         assert (out / source).is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["single_concept"]) == {"own model", "weight fusion", "gradient fusion"}
-    assert set(metrics["composition"]) == {"weight fusion", "gradient fusion"}
+    assert set(metrics["composition"]) == {REGIONS_ALONE, "weight fusion", "gradient fusion"}
+    assert 0.0 <= metrics["composition"][REGIONS_ALONE]["binding"] <= 1.0
     assert 0.0 <= metrics["single_concept"]["gradient fusion"]["identity"] <= 1.0
     assert sorted(p.name for p in (out / "concepts").glob("*.safetensors")) == [
         "moss.edlora.safetensors", "nova.edlora.safetensors", "pip.edlora.safetensors"]

@@ -1,9 +1,10 @@
 """`mixofshow demo`: the whole Mix-of-Show mission on the bundled toy world, scored, as one HTML report.
 
 Tunes three toy concepts with ED-LoRA, fuses them with weight and gradient fusion, samples each concept from its own
-model and from each fused model plus one three-region composition, scores every image with the toy world's attribute
-classifier (`mixofshow.toyworld.evaluate`), and writes DIR/index.html with the image grids (PNG files beside it) and
-the metric table (also in DIR/metrics.json). Nothing is downloaded.
+model and from each fused model plus one three-region composition (and its ceiling: each region's object alone from
+its concept's own model), scores every image with the toy world's attribute classifier
+(`mixofshow.toyworld.evaluate`), and writes DIR/index.html with the image grids (PNG files beside it) and the metric
+table (also in DIR/metrics.json). Nothing is downloaded.
 
     mixofshow demo --out outputs/demo                          # the bundled toy model, a few minutes on 2 CPU cores
     mixofshow demo --out /tmp/demo --fast --base /tmp/toyworld  # a few steps at tiny sizes: checks it end to end
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "index.html"
 METRICS_FILE = "metrics.json"
+# The composition row that is its ceiling: each region's object drawn alone by its concept's own model
+REGIONS_ALONE = "own models, each region alone"
 # The columns of the report's tables
 TABLE_METRICS = ("identity", "identity_p", "shape", "colour", "background", "position")
 
@@ -432,10 +435,17 @@ def run_demo(config: DemoConfig, progress: bool = True) -> Path:
                                          **sampling)
             single.append(Evaluation(model, targets, images, score_samples(classifier, images, targets)))
 
-    # 6. The three-region composition from every fused model
+    # 6. The three-region composition from every fused model, after its ceiling: each region's object alone from
+    # its concept's own model (the same size, place, background and noise)
     composition = [composition_target(concepts)]
     regional: list[Evaluation] = []
     with _stage("three-region composition", timings):
+        alone = [composition[0].part(index) for index in range(len(concepts))]
+        images = []
+        for concept, pipe, part in zip(concepts, models["own model"], alone):
+            images += sample_targets(pipe, [part], config.composition_samples, desc=f"own model: {concept.name}, "
+                                     "its region alone", **sampling)
+        regional.append(Evaluation(REGIONS_ALONE, alone, images, score_samples(classifier, images, alone)))
         for method, folder in fused.items():
             images = sample_targets(fused_pipeline(folder), composition, config.composition_samples,
                                     regional=True, desc=f"{method} fusion, regions", **sampling)
@@ -537,17 +547,22 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
         binding = binding_summary(flat, [t for t, group in zip(evaluation.targets, evaluation.images)
                                          for _ in group])
         metrics["composition"][evaluation.model] = {**binding, **evaluation.summary()}
-        rows.append([evaluation.model, _percent(binding["binding"]), _percent(binding["all_bound"]),
-                     _percent(binding["swapped"]), _percent(evaluation.summary()["position"])])
-    if regional:
-        target = regional[0].targets[0]
+        alone = evaluation.model == REGIONS_ALONE  # one object per image: no "all bound" or "swapped"
+        rows.append([evaluation.model, _percent(binding["binding"]),
+                     "—" if alone else _percent(binding["all_bound"]), "—" if alone else _percent(binding["swapped"]),
+                     _percent(evaluation.summary()["position"])])
+    composed = [evaluation for evaluation in regional if evaluation.model != REGIONS_ALONE]
+    if composed:
+        target = composed[0].targets[0]
         parts.append("<h2>Three concepts, three regions</h2><p class=note>Global prompt "
                      f"<code>{html.escape(target.prompt())}</code>; each third of the image is a region with its own "
                      "prompt. <i>binding</i>: the region holds its own concept; <i>all bound</i>: every region of the "
-                     "image does; <i>swapped</i>: a region holds another region's concept.</p>")
+                     "image does; <i>swapped</i>: a region holds another region's concept. The first row is the "
+                     "ceiling: each region's object alone (same size, place, background and noise), drawn by its "
+                     "concept's own model.</p>")
         parts.append(_table(["model", "binding", "all bound", "swapped", "position"], rows))
         for evaluation in regional:
-            grid = _save_grid(out, "regions-" + evaluation.model.replace(" ", "-"), evaluation, 3)
+            grid = _save_grid(out, "regions-" + evaluation.model.replace(",", "").replace(" ", "-"), evaluation, 3)
             parts.append(f"<h3>{html.escape(evaluation.model)}</h3><img src='{grid}'>")
 
     # The base model
