@@ -48,6 +48,7 @@ from mixofshow.demo import (
     fused_pipeline,
     image_size,
     load_toy_world,
+    sample_regions_alone,
     sample_targets,
     score_samples,
     tune_concept,
@@ -229,7 +230,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
                            lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet,
                            unet_lora_layers=args.tune_unet_lora_layers, seed=seed)
-        files, own = {}, {}
+        files, own, own_pipes = {}, {}, {}
         for concept in used:
             folder = work / tuning_folder_name(tuning, concept, components)
             path = folder / f"{concept.name}.{mode}.safetensors"
@@ -238,8 +239,9 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                                                                            tuning, progress)
             timings["tuning"] += time.perf_counter() - start
             start = time.perf_counter()
-            images = sample_targets(concept_pipeline(components, [files[concept.name]]), targets[concept.name],
-                                    args.samples, desc=f"{mode}: {concept.name}'s own model", **sampling)
+            own_pipes[concept.name] = concept_pipeline(components, [files[concept.name]])
+            images = sample_targets(own_pipes[concept.name], targets[concept.name], args.samples,
+                                    desc=f"{mode}: {concept.name}'s own model", **sampling)
             own[concept.name] = [s for group in score_samples(classifier, images, targets[concept.name])
                                  for s in group]
             timings["sampling and scoring"] += time.perf_counter() - start
@@ -251,13 +253,10 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
             own_binding = {"binding": float("nan"), "binding_p": float("nan")}
             if n in (2, 3):  # the ceiling of binding: each region's object alone, drawn by its concept's own model
                 start = time.perf_counter()
-                layout, parts = composition_target(used[:n]), []
-                for index, name in enumerate(names):
-                    part = [layout.part(index)]
-                    images = sample_targets(concept_pipeline(components, [files[name]]), part, args.samples,
-                                            desc=f"{mode}: {name}'s own model, region {index} alone", **sampling)
-                    parts += [s for group in score_samples(classifier, images, part) for s in group]
-                alone = summarize(parts, ("identity", "identity_p"))
+                parts, images = sample_regions_alone([own_pipes[name] for name in names],
+                                                     composition_target(used[:n]), args.samples, **sampling)
+                alone = summarize([s for group in score_samples(classifier, images, parts) for s in group],
+                                  ("identity", "identity_p"))
                 own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"]}
                 timings["sampling and scoring"] += time.perf_counter() - start
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,

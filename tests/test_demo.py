@@ -155,6 +155,8 @@ def test_scores_compare_the_classifier_with_the_target():
     binding = binding_summary(regions, targets)
     assert binding == {"binding": pytest.approx(1 / 3), "binding_p": pytest.approx(1 / 3), "all_bound": 0.0,
                        "swapped": pytest.approx(2 / 3)}
+    alone = binding_summary([s for s in scores if s.image < 3], targets)  # single objects: the binding ceiling
+    assert alone["binding"] == pytest.approx(1.0) and math.isnan(alone["all_bound"]) and math.isnan(alone["swapped"])
     assert summarize([])["identity"] != summarize([])["identity"]  # NaN without scores
     unsure = summarize(score_images(AnswersOnly(Oracle(targets, mistakes)), images, targets))
     assert unsure["identity"] == pytest.approx(4 / 6) and math.isnan(unsure["identity_p"])
@@ -231,6 +233,8 @@ def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
     assert set(metrics["single_concept"]) == {"own model", "weight fusion", "gradient fusion"}
     assert set(metrics["composition"]) == {REGIONS_ALONE, "weight fusion", "gradient fusion"}
     assert 0.0 <= metrics["composition"][REGIONS_ALONE]["binding"] <= 1.0
+    assert metrics["composition"][REGIONS_ALONE]["all_bound"] is None  # undefined for single objects
+    json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert 0.0 <= metrics["single_concept"]["gradient fusion"]["identity"] <= 1.0
     assert sorted(p.name for p in (out / "concepts").glob("*.safetensors")) == [
         "moss.edlora.safetensors", "nova.edlora.safetensors", "pip.edlora.safetensors"]

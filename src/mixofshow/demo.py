@@ -308,6 +308,20 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
     return images
 
 
+def sample_regions_alone(pipes: Sequence[MixOfShowPipeline], composition: Target, samples: int, **sampling
+                         ) -> tuple[list[Target], list[list[Image.Image]]]:
+    """The ceiling of regional binding: each object of `composition` alone (`Target.part`), drawn by its concept's
+    own model `pipes[i]` from the same noise as the composition's images.
+
+    Returns:
+        The parts, and per part its images (`sample_targets`' output, ready for `score_samples`).
+    """
+    parts = [composition.part(index) for index in range(len(composition.scene.objects))]
+    images = [sample_targets(pipe, [part], samples, desc=f"own model of {part.concepts[0]}, its region alone",
+                             **sampling)[0] for pipe, part in zip(pipes, parts)]
+    return parts, images
+
+
 def score_samples(classifier, images: Sequence[Sequence[Image.Image]], targets: Sequence[Target]
                   ) -> list[list[ObjectScore]]:
     """`score_images` on `sample_targets`' output; per target, the scores of its images' objects."""
@@ -440,11 +454,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> Path:
     composition = [composition_target(concepts)]
     regional: list[Evaluation] = []
     with _stage("three-region composition", timings):
-        alone = [composition[0].part(index) for index in range(len(concepts))]
-        images = []
-        for concept, pipe, part in zip(concepts, models["own model"], alone):
-            images += sample_targets(pipe, [part], config.composition_samples, desc=f"own model: {concept.name}, "
-                                     "its region alone", **sampling)
+        alone, images = sample_regions_alone(models["own model"], composition[0], config.composition_samples,
+                                             **sampling)
         regional.append(Evaluation(REGIONS_ALONE, alone, images, score_samples(classifier, images, alone)))
         for method, folder in fused.items():
             images = sample_targets(fused_pipeline(folder), composition, config.composition_samples,
@@ -468,8 +479,17 @@ th:first-child,td:first-child{text-align:left}img{image-rendering:pixelated;bord
 .note{color:#555;font-size:0.92em}code{background:#f3f3f3;padding:0 0.2em}"""
 
 
-def _percent(value: float) -> str:
-    return "—" if math.isnan(value) else f"{100 * value:.0f}%"
+def _without_nan(value):
+    """`value` with every NaN (an undefined metric) as None, so that metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.0f}%"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -547,10 +567,8 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
         binding = binding_summary(flat, [t for t, group in zip(evaluation.targets, evaluation.images)
                                          for _ in group])
         metrics["composition"][evaluation.model] = {**binding, **evaluation.summary()}
-        alone = evaluation.model == REGIONS_ALONE  # one object per image: no "all bound" or "swapped"
-        rows.append([evaluation.model, _percent(binding["binding"]),
-                     "—" if alone else _percent(binding["all_bound"]), "—" if alone else _percent(binding["swapped"]),
-                     _percent(evaluation.summary()["position"])])
+        rows.append([evaluation.model, _percent(binding["binding"]), _percent(binding["all_bound"]),
+                     _percent(binding["swapped"]), _percent(evaluation.summary()["position"])])
     composed = [evaluation for evaluation in regional if evaluation.model != REGIONS_ALONE]
     if composed:
         target = composed[0].targets[0]
@@ -582,7 +600,7 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
                                                                   for k, v in timings.items()]))
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>mixofshow demo</title><style>{_CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(_without_nan(metrics), indent=1) + "\n")
     report = out / REPORT_FILE
     report.write_text(page, encoding="utf-8")
     return report

@@ -357,8 +357,9 @@ def binding_summary(scores: Sequence[ObjectScore], targets: Sequence[Target]) ->
 
     Returns:
         `binding`: the share of regions whose object is the region's concept; `binding_p`: the classifier's mean
-        probability of that concept (soft); `all_bound`: the share of images in which every region is; `swapped`:
-        the share of regions holding another region's concept.
+        probability of that concept (soft); `all_bound`: the share of images of several regions in which every
+        region is; `swapped`: the share of regions of such images holding another region's concept. The last two
+        are NaN when no image has several regions (single objects: a binding ceiling).
     """
     if not scores:
         return {"binding": float("nan"), "binding_p": float("nan"), "all_bound": float("nan"),
@@ -367,10 +368,11 @@ def binding_summary(scores: Sequence[ObjectScore], targets: Sequence[Target]) ->
     swapped = []
     for s in scores:
         concepts = targets[s.image].concepts
-        by_image.setdefault(s.image, []).append(s.correct["identity"])
-        others = {c for k, c in enumerate(concepts) if k != s.index and c}
-        swapped.append(s.predicted.get("concept") in others)
+        if len(concepts) > 1:
+            by_image.setdefault(s.image, []).append(s.correct["identity"])
+            others = {c for k, c in enumerate(concepts) if k != s.index and c}
+            swapped.append(s.predicted.get("concept") in others)
     return {"binding": float(np.mean([s.correct["identity"] for s in scores])),
             "binding_p": summarize(scores, ("identity_p",))["identity_p"],
-            "all_bound": float(np.mean([all(v) for v in by_image.values()])),
-            "swapped": float(np.mean(swapped))}
+            "all_bound": float(np.mean([all(v) for v in by_image.values()])) if by_image else float("nan"),
+            "swapped": float(np.mean(swapped)) if swapped else float("nan")}
