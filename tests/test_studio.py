@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mixofshow.errors import MixOfShowError
-from mixofshow.layout import load_layout
+from mixofshow.layout import draw_layout_preview, load_layout
 from mixofshow.pipelines.pipeline_mixofshow import load_sampling_pipeline
 from mixofshow.studio import Studio, make_server
 from mixofshow.testing import random_t2i_adapter, save_tiny_base, tiny_components
@@ -170,7 +170,7 @@ def test_check_returns_the_file_that_load_layout_reads(server, tmp_path):
     ({"regions": [{"prompt": "a <nobody>", "box": [0, 0, 1, 1]}]}, ["regions[0].prompt", "<nobody>"]),
     ({"negative_prompt": "word " * 100}, ["negative_prompt", "tokens long"]),
     ({"seed": "7"}, ["seed", "whole number"]),
-    ({"regions": [{"prompt": "a cat", "mask": "mask.png"}]}, ["region masks are not supported"]),
+    ({"regions": [{"prompt": "a cat", "mask": "mask.png"}]}, ["regions[0].mask", "mask.png", "not found"]),
     ({"conditions": [{"type": "keypose", "model": "m", "image": "p.png"}]}, ["conditions[0].image", "p.png"]),
     ({"conditions": [{"type": "keypose", "model": "m", "image": "data:image/png;base64,!!"}]},
      ["conditions[0].image", "not a readable image"]),
@@ -236,9 +236,80 @@ def test_generate_with_a_condition_from_the_page(server, tmp_path):
     np.testing.assert_array_equal(images[0], np.asarray(again))
 
 
-def test_preview_is_draw_layout_preview(server):
-    from mixofshow.layout import draw_layout_preview
+def painted_mask(size=(SIZE, SIZE)) -> Image.Image:
+    """A mask as the page paints it: white strokes on black, not a box."""
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    w, h = size
+    draw.ellipse((w // 8, h // 4, w // 2, h - h // 8), fill=255)
+    draw.line((w // 2, h // 8, w - 2, h // 2), fill=255, width=max(1, w // 16))
+    return mask
 
+
+def mask_document(mask: str) -> dict:
+    """A layout whose region 1 is `mask` (a data URL or a path), after a box region 0."""
+    return document(regions=[{"prompt": "a red cat", "box": [0, 0, 0.5, 0.25]},
+                             {"prompt": "a blue dog", "negative_prompt": "blurry", "mask": mask}])
+
+
+def test_a_painted_mask_is_saved_at_the_layout_size(server, tmp_path):
+    mask = painted_mask((SIZE * 2, SIZE * 2))  # not the layout's size: resized to its nearest pixels
+    status, _, body = request(server, "/api/check", {"layout": mask_document(data_url(mask))})
+    assert status == 200, body
+    data = json.loads(body)
+    path = Path(data["layout"]["regions"][1]["mask"])
+    assert path.is_file() and path.parent == server.studio._uploads and path.name.startswith("mask-")
+    expected = np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
+    (tmp_path / "layout.yaml").write_text(data["yaml"])
+    layout = load_layout(tmp_path / "layout.yaml")
+    assert layout.regions[1].mask == str(path) and layout.regions[1].box is None
+    np.testing.assert_array_equal(layout.region_masks()[1].numpy(), expected > 127)
+
+    status, kind, body = request(server, "/api/preview", {"layout": mask_document(data_url(mask))})
+    assert (status, kind) == (200, "image/png")
+    np.testing.assert_array_equal(np.asarray(decode_png(body)), np.asarray(draw_layout_preview(layout)))
+
+
+def test_generate_with_a_painted_mask(server, tmp_path):
+    mask = painted_mask()
+    _, _, body = request(server, "/api/generate", {"layout": mask_document(data_url(mask))})
+    job = wait_for_job(server, json.loads(body)["id"])
+    assert job["state"] == "done", job
+    image = np.asarray(decode_png(request(server, job["image"])[2]).convert("RGB"))
+    (tmp_path / "layout.yaml").write_bytes(request(server, job["layout"])[2])
+    layout = load_layout(tmp_path / "layout.yaml")
+    assert [(r.prompt, r.box is None) for r in layout.regions] == [("a red cat", False), ("a blue dog", True)]
+    np.testing.assert_array_equal(np.asarray(Image.open(layout.regions[1].mask)), np.asarray(mask))
+    # The layout file reproduces the image through the library, and the mask shaped it
+    pipe = server.studio.pipe
+    np.testing.assert_array_equal(image, np.asarray(pipe.sample_layout(layout, progress=False).images[0]))
+    boxed = mask_document(None)
+    boxed["regions"][1] = {**boxed["regions"][1], "mask": None, "box": list(mask.getbbox())}
+    assert not np.array_equal(image, np.asarray(pipe.sample_layout(load_layout(boxed), progress=False).images[0]))
+
+
+@pytest.mark.parametrize("mask, words", [
+    (data_url(Image.new("L", (SIZE, SIZE), 0)), ["regions[1].mask", "is empty", "paint the region white"]),
+    (data_url(Image.new("L", (SIZE, SIZE), 127)), ["regions[1].mask", "is empty"]),
+    ("data:image/png;base64,!!", ["regions[1].mask", "not a readable image"]),
+    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), ["regions[1].mask", "not a readable image"]),
+    ("data:text/plain;base64,eA==", ["regions[1].mask", "data URL"]),
+    ("{folder}/small.png", ["regions[1].mask", "16 x 16", f"{SIZE} x {SIZE}"]),  # a file: as load_layout reads it
+], ids=["black", "grey", "bad-base64", "not-an-image", "not-an-image-url", "file-of-another-size"])
+def test_bad_masks_are_refused_before_sampling(server, tmp_path, mask, words):
+    painted_mask((16, 16)).save(tmp_path / "small.png")
+    jobs = dict(server.studio.jobs)
+    for path in ("/api/check", "/api/preview", "/api/generate"):
+        status, kind, body = request(server, path, {"layout": mask_document(mask.format(folder=tmp_path))})
+        assert (status, kind) == (400, "application/json"), path
+        error = json.loads(body)["error"]
+        for word in words:
+            assert word in error, error
+    assert server.studio.jobs == jobs
+
+
+def test_preview_is_draw_layout_preview(server):
     status, kind, body = request(server, "/api/preview", {"layout": document()})
     assert (status, kind) == (200, "image/png")
     expected = draw_layout_preview(load_layout(document()))
@@ -347,6 +418,7 @@ def chromium(download_dir: Path):
         options.add_argument(argument)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, read by get_log
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
@@ -389,7 +461,8 @@ def pose_image(path: Path) -> Path:
 def test_page_in_headless_chromium(base, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -480,12 +553,61 @@ def test_page_in_headless_chromium(base, tmp_path):
         find(By.ID, "generate").click()
         wait.until(lambda b: "job 2: done" in b.find_element(By.ID, "job-status").text)
 
+        # Region 0 as a mask: it starts as its box [0, 3, 15, 31]; erase row 16, paint row 1 from x = 20 to 28.
+        def stroke(y, x0, x1):  # image pixels, drawn through their centres (offsets from the canvas's centre)
+            ActionChains(browser).move_to_element_with_offset(canvas, 16 * x0 - 248, 16 * y - 248).click_and_hold() \
+                .move_to_element_with_offset(canvas, 16 * x1 - 248, 16 * y - 248).release().perform()
+
+        def region_sizes():
+            return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#regions .region-box")]
+
+        assert not find(By.ID, "mask-tools").is_displayed()
+        Select(browser.find_elements(By.CSS_SELECTOR, "#regions .region-kind")[0]).select_by_value("mask")
+        assert find(By.ID, "mask-tools").is_displayed()
+        assert region_sizes() == ["mask, 420 px", "[18, 9, 31, 30] px"]
+        browser.execute_script("document.getElementById('brush-size').value = 8")  # a quarter of an image pixel
+        find(By.CSS_SELECTOR, "input[name=tool][value=eraser]").click()
+        stroke(16, 0, 14)
+        find(By.CSS_SELECTOR, "input[name=tool][value=brush]").click()
+        stroke(1, 20, 28)
+        painted = np.zeros((SIZE, SIZE), dtype=np.float32)
+        painted[3:31, 0:15] = 1
+        painted[16, 0:15] = 0
+        painted[1, 20:29] = 1
+        assert region_sizes()[0] == f"mask, {int(painted.sum())} px"
+        # Done stops painting; a click on the mask selects it again, Esc lets it go.
+        find(By.ID, "done-painting").click()
+        assert not find(By.ID, "mask-tools").is_displayed()
+        ActionChains(browser).move_to_element_with_offset(canvas, 16 * 5 - 248, 16 * 5 - 248).click().perform()
+        assert find(By.ID, "mask-tools").is_displayed()
+        canvas.send_keys(Keys.ESCAPE)
+        assert not find(By.ID, "mask-tools").is_displayed()
+
+        find(By.ID, "check").click()
+        wait.until(lambda b: "mask:" in b.find_element(By.ID, "yaml").get_attribute("textContent"))
+        (tmp_path / "masked.yaml").write_text(find(By.ID, "yaml").get_attribute("textContent"))
+        masked = load_layout(tmp_path / "masked.yaml")
+        assert masked.regions[0].box is None and masked.regions[1].box == (18, 9, 31, 30)
+        np.testing.assert_array_equal(masked.region_masks()[0].numpy(), painted)
+        find(By.ID, "generate").click()
+        wait.until(lambda b: "job 3: done" in b.find_element(By.ID, "job-status").text)
+        with urllib.request.urlopen(find(By.ID, "download-layout").get_attribute("href"), timeout=30) as response:
+            (tmp_path / "sampled-masked.yaml").write_bytes(response.read())
+        assert load_layout(tmp_path / "sampled-masked.yaml") == masked
+
         browser.execute_script("document.getElementById('yaml-box').open = true")
         screenshot = tmp_path / "studio.png"
         browser.save_screenshot(str(screenshot))
         assert Image.open(screenshot).size[0] >= 1000
         if os.environ.get("MIXOFSHOW_SAVE_SCREENSHOT"):
             shutil.copy(screenshot, ROOT / "benchmarks" / "results" / "studio-screenshot.png")
+
+        # Back to a box: the box around the painted mask.
+        Select(browser.find_elements(By.CSS_SELECTOR, "#regions .region-kind")[0]).select_by_value("box")
+        assert region_sizes() == ["[0, 1, 29, 31] px", "[18, 9, 31, 30] px"]
+        # No script error all along (the 400s of the checks above are network entries)
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e["source"] != "network"]
+        assert not errors, errors
     finally:
         browser.quit()
         process.terminate()

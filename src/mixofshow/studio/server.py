@@ -16,8 +16,9 @@ Endpoints (JSON in and out; layouts are the documents `load_layout` reads, with 
     GET  /api/jobs/ID/image.png         the image
     GET  /api/jobs/ID/layout.yaml       the layout file it was sampled from (its seed included)
 
-A layout's condition images may be data URLs (the page sends its background image so): the studio resizes each to
-the layout's size and keeps it as a PNG in its own temporary folder, which the layout file names.
+A layout's condition images and region masks may be data URLs (the page sends its background image and its painted
+masks so): the studio resizes each to the layout's size and keeps it as a PNG in its own temporary folder, which the
+layout file names; `load_layout` then checks it as any file (a mask with no white pixel is refused).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class Studio:
         self._pipe_lock = threading.Lock()
         self._jobs_lock = threading.Lock()
         self._ids = itertools.count(1)
-        # Condition images sent as data URLs; the folder goes when the studio does
+        # Condition images and masks sent as data URLs; the folder goes when the studio does
         self._uploads = Path(tempfile.mkdtemp(prefix="mixofshow-studio-"))
         weakref.finalize(self, shutil.rmtree, self._uploads, ignore_errors=True)
 
@@ -160,34 +161,39 @@ class Studio:
 
     def _load(self, document) -> Layout:
         if isinstance(document, dict):
-            regions = document.get("regions") or []
-            if isinstance(regions, list) and any(isinstance(r, dict) and r.get("mask") is not None for r in regions):
-                raise MixOfShowError("the studio draws boxes only: region masks are not supported here; sample such "
-                                     "a layout with `mixofshow sample --layout`")
-            document = self._with_saved_condition_images(document)
+            document = self._with_saved_uploads(document)
         return load_layout(document, base_dir=self.base_dir)
 
-    def _with_saved_condition_images(self, document: dict) -> dict:
-        """`document` with each condition image given as a data URL saved as a PNG of the layout's size."""
-        conditions = document.get("conditions")
-        if not isinstance(conditions, list):
-            return document  # absent, or load_layout names what is wrong
+    def _with_saved_uploads(self, document: dict) -> dict:
+        """`document` with each condition image and region mask given as a data URL saved as a PNG of the layout's
+        size, and named by its path."""
         size = tuple(document.get(key) for key in ("width", "height"))
-        saved = []
-        for index, condition in enumerate(conditions):
-            image = condition.get("image") if isinstance(condition, dict) else None
-            if isinstance(image, str) and image.startswith("data:"):
-                condition = {**condition, "image": str(self._save_upload(image, f"conditions[{index}].image", size))}
-            saved.append(condition)
-        return {**document, "conditions": saved}
+        saved = dict(document)
+        for key, field_name, kind in (("conditions", "image", "condition"), ("regions", "mask", "mask")):
+            entries = document.get(key)
+            if not isinstance(entries, list):
+                continue  # absent, or load_layout names what is wrong
+            saved[key] = []
+            for index, entry in enumerate(entries):
+                value = entry.get(field_name) if isinstance(entry, dict) else None
+                if isinstance(value, str) and value.startswith("data:"):
+                    path = self._save_upload(value, f"{key}[{index}].{field_name}", size, kind)
+                    entry = {**entry, field_name: str(path)}
+                saved[key].append(entry)
+        return saved
 
-    def _save_upload(self, url: str, where: str, size: tuple) -> Path:
-        """Save a data-URL image as RGB PNG, resized to `size` (width, height) when it holds two whole numbers."""
-        image = _decode_data_url(url, where).convert("RGB")
+    def _save_upload(self, url: str, where: str, size: tuple, kind: str) -> Path:
+        """Save a data-URL image as a PNG, resized to `size` (width, height) when it holds two whole numbers.
+
+        A condition image is kept as RGB, resized smoothly as the page stretches it over the canvas; a mask
+        (`kind="mask"`) as grayscale, resized to the nearest pixel so it stays black and white.
+        """
+        mode, resample = ("L", Image.Resampling.NEAREST) if kind == "mask" else ("RGB", Image.Resampling.BILINEAR)
+        image = _decode_data_url(url, where).convert(mode)
         if all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_SIZE for v in size):
-            image = image.resize(size, Image.Resampling.BILINEAR)  # as the page stretches it over the canvas
+            image = image.resize(size, resample)
         data = _png(image)
-        path = self._uploads / f"condition-{hashlib.sha1(data).hexdigest()[:16]}.png"
+        path = self._uploads / f"{kind}-{hashlib.sha1(data).hexdigest()[:16]}.png"
         if not path.is_file():  # same content, same name
             write_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
         return path

@@ -1,5 +1,6 @@
-// The studio page: regions drawn on a canvas (boxes kept as fractions of the image, snapped to its pixels), the
-// layout document sent to the server (which checks it with load_layout), sampling jobs polled until done.
+// The studio page: regions drawn on a canvas (boxes kept as fractions of the image, snapped to its pixels, or masks
+// painted at the image's size), the layout document sent to the server (which checks it with load_layout), sampling
+// jobs polled until done.
 "use strict";
 
 const DISPLAY = 512; // the canvas's longer side on screen, in CSS pixels
@@ -13,9 +14,10 @@ const context = canvas.getContext("2d");
 
 const state = {
   info: null,
-  regions: [], // {x0, y0, x1, y1 (fractions), prompt, negative, adapterWeight (text as typed)}
+  regions: [], // {kind: "box" | "mask", x0, y0, x1, y1 (fractions), mask, prompt, negative, adapterWeight (as typed)}
   selected: -1,
-  drag: null, // {mode: "new" | "move" | "resize", start, origin, anchor}
+  drag: null, // {mode: "new" | "move" | "resize" | "paint", start, origin, anchor, last}
+  hover: null, // the pointer over the canvas (fractions) while painting: where the brush outline is drawn
   background: null, // an HTMLImageElement
   backgroundURL: null, // its data URL, sent for the server preview and as the condition image
   job: null,
@@ -59,9 +61,13 @@ function pixels(region) {
 
 // -- drawing ---------------------------------------------------------------------------------------------------
 
-function colour(index, alpha) {
+function rgb(index) {
   const palette = state.info ? state.info.palette : [[230, 25, 75]];
-  const [r, g, b] = palette[index % palette.length];
+  return palette[index % palette.length];
+}
+
+function colour(index, alpha) {
+  const [r, g, b] = rgb(index);
   return `rgba(${r}, ${g}, ${b}, ${alpha})`;
 }
 
@@ -80,6 +86,14 @@ function draw() {
   context.font = "14px system-ui, sans-serif";
   context.textBaseline = "top";
   regions.forEach((region, index) => {
+    if (region.kind === "mask") {
+      drawMask(region.mask, index, index === state.selected);
+      const bounds = maskBounds(region.mask);
+      const sx = w / region.mask.width;
+      const sy = h / region.mask.height;
+      if (bounds) drawLabel(region, index, bounds[0] * sx, bounds[1] * sy, (bounds[2] - bounds[0]) * sx);
+      return;
+    }
     const x = region.x0 * w;
     const y = region.y0 * h;
     const bw = (region.x1 - region.x0) * w;
@@ -89,13 +103,7 @@ function draw() {
     context.lineWidth = index === state.selected ? 4 : 2;
     context.strokeStyle = colour(index, 1);
     context.strokeRect(x + 1, y + 1, bw - 2, bh - 2);
-    const label = `${index}: ${(region.prompt || "").replace(/\s+/g, " ")}`;
-    const text = fitText(label, bw - 8);
-    const tw = context.measureText(text).width;
-    context.fillStyle = colour(index, 1);
-    context.fillRect(x + 3, y + 3, tw + 4, 18);
-    context.fillStyle = "#fff";
-    context.fillText(text, x + 5, y + 5);
+    drawLabel(region, index, x, y, bw);
     if (index === state.selected) {
       context.fillStyle = "#fff";
       for (const [cx, cy] of [[x, y], [x + bw, y], [x, y + bh], [x + bw, y + bh]]) {
@@ -104,11 +112,197 @@ function draw() {
       }
     }
   });
+  if (paintingRegion() && state.hover) { // the brush's outline, dark and light to show on any background
+    const radius = ($("brush-size").value / 2) * (w / canvas.clientWidth);
+    context.lineWidth = 1;
+    for (const [r, style] of [[radius, "#000"], [radius + 1, "#fff"]]) {
+      context.beginPath();
+      context.arc(state.hover.x * w, state.hover.y * h, r, 0, 2 * Math.PI);
+      context.strokeStyle = style;
+      context.stroke();
+    }
+  }
+}
+
+// The region's number and prompt on a strip of its colour at (x, y), shortened to `room` pixels.
+function drawLabel(region, index, x, y, room) {
+  const label = `${index}: ${(region.prompt || "").replace(/\s+/g, " ")}`;
+  const text = fitText(label, room - 8);
+  const tw = context.measureText(text).width;
+  context.fillStyle = colour(index, 1);
+  context.fillRect(x + 3, y + 3, tw + 4, 18);
+  context.fillStyle = "#fff";
+  context.fillText(text, x + 5, y + 5);
 }
 
 function fitText(text, room) {
   while (text.length > 4 && context.measureText(text).width > room) text = text.slice(0, -4) + "...";
   return text;
+}
+
+// -- masks -----------------------------------------------------------------------------------------------------
+// A painted mask holds one byte per image pixel (1: inside the region), at the layout's size; it is drawn scaled
+// onto the canvas and sent as a black and white PNG. The brush is sized in screen pixels.
+
+const scratch = document.createElement("canvas"); // one mask at image size, before it is scaled or encoded
+
+function newMask(width, height) {
+  return { width, height, cells: new Uint8Array(width * height) };
+}
+
+// The region's box as a mask: a region switched to "mask" starts from its box.
+function maskFromBox(region) {
+  const { width, height } = imageSize();
+  const mask = newMask(width, height);
+  const [x0, y0, x1, y1] = pixels(region);
+  for (let y = y0; y < y1; y++) mask.cells.fill(1, y * width + x0, y * width + x1);
+  return mask;
+}
+
+// The mask at another size, each pixel taken from the nearest one of the old size.
+function resizeMask(mask, width, height) {
+  if (mask.width === width && mask.height === height) return mask;
+  const resized = newMask(width, height);
+  for (let y = 0; y < height; y++) {
+    const sy = Math.min(mask.height - 1, Math.floor(((y + 0.5) * mask.height) / height));
+    for (let x = 0; x < width; x++) {
+      const sx = Math.min(mask.width - 1, Math.floor(((x + 0.5) * mask.width) / width));
+      resized.cells[y * width + x] = mask.cells[sy * mask.width + sx];
+    }
+  }
+  return resized;
+}
+
+// [x0, y0, x1, y1] in pixels around the mask's inside, or null when it is empty.
+function maskBounds(mask) {
+  let [x0, y0, x1, y1] = [mask.width, mask.height, 0, 0];
+  for (let y = 0; y < mask.height; y++) {
+    for (let x = 0; x < mask.width; x++) {
+      if (!mask.cells[y * mask.width + x]) continue;
+      x0 = Math.min(x0, x);
+      y0 = Math.min(y0, y);
+      x1 = Math.max(x1, x + 1);
+      y1 = Math.max(y1, y + 1);
+    }
+  }
+  return x1 > x0 ? [x0, y0, x1, y1] : null;
+}
+
+function maskAt(mask, raw) {
+  const x = Math.min(mask.width - 1, Math.floor(raw.x * mask.width));
+  const y = Math.min(mask.height - 1, Math.floor(raw.y * mask.height));
+  return mask.cells[y * mask.width + x] === 1;
+}
+
+// Set the pixels within `radius` of the segment a-b (image pixels) to `value`, and always the one under each stamp.
+function paintSegment(mask, a, b, radius, value) {
+  const steps = Math.max(1, Math.ceil(Math.hypot(b.x - a.x, b.y - a.y) / Math.max(0.5, radius / 2)));
+  for (let step = 0; step <= steps; step++) {
+    const cx = a.x + ((b.x - a.x) * step) / steps;
+    const cy = a.y + ((b.y - a.y) * step) / steps;
+    const under = Math.min(mask.height - 1, Math.floor(cy)) * mask.width + Math.min(mask.width - 1, Math.floor(cx));
+    mask.cells[under] = value;
+    const top = Math.min(mask.height, Math.ceil(cy + radius));
+    const right = Math.min(mask.width, Math.ceil(cx + radius));
+    for (let y = Math.max(0, Math.floor(cy - radius)); y < top; y++) {
+      for (let x = Math.max(0, Math.floor(cx - radius)); x < right; x++) {
+        if ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= radius ** 2) mask.cells[y * mask.width + x] = value;
+      }
+    }
+  }
+}
+
+// The brush (or eraser) stroke from one pointer position to the next on the selected mask region.
+function paint(region, from, to) {
+  const mask = region.mask;
+  const radius = ($("brush-size").value / 2) * (mask.width / canvas.clientWidth);
+  const value = document.querySelector("input[name=tool]:checked").value === "brush" ? 1 : 0;
+  const at = (point) => ({ x: point.raw.x * mask.width, y: point.raw.y * mask.height });
+  paintSegment(mask, at(from), at(to), radius, value);
+}
+
+// The mask's inside tinted in the region's colour and outlined along its pixels' sides, as boxes are drawn.
+function drawMask(mask, index, selected) {
+  const { width, height, cells } = mask;
+  scratch.width = width;
+  scratch.height = height;
+  const g = scratch.getContext("2d");
+  const image = g.createImageData(width, height);
+  const tint = [...rgb(index), Math.round((selected ? 2 : 1) * TINT * 255)];
+  cells.forEach((cell, i) => { if (cell) image.data.set(tint, 4 * i); });
+  g.putImageData(image, 0, 0);
+  context.imageSmoothingEnabled = false; // the image's pixels as squares, as the model sees them
+  context.drawImage(scratch, 0, 0, canvas.width, canvas.height);
+  context.imageSmoothingEnabled = true;
+  const sx = canvas.width / width;
+  const sy = canvas.height / height;
+  const inside = (x, y) => x >= 0 && y >= 0 && x < width && y < height && cells[y * width + x] === 1;
+  context.beginPath();
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      if (!inside(x, y)) continue;
+      for (const [dx, dy, ax, ay, bx, by] of [[-1, 0, 0, 0, 0, 1], [1, 0, 1, 0, 1, 1], [0, -1, 0, 0, 1, 0],
+        [0, 1, 0, 1, 1, 1]]) {
+        if (inside(x + dx, y + dy)) continue;
+        context.moveTo((x + ax) * sx, (y + ay) * sy);
+        context.lineTo((x + bx) * sx, (y + by) * sy);
+      }
+    }
+  }
+  context.lineWidth = selected ? 4 : 2;
+  context.strokeStyle = colour(index, 1);
+  context.stroke();
+}
+
+// The mask as the layout's mask file: a PNG data URL, white inside, black outside, at the layout's size.
+function maskURL(mask) {
+  const { width, height } = imageSize();
+  const { cells } = resizeMask(mask, width, height);
+  scratch.width = width;
+  scratch.height = height;
+  const g = scratch.getContext("2d");
+  const image = g.createImageData(width, height);
+  cells.forEach((cell, i) => image.data.set([255 * cell, 255 * cell, 255 * cell, 255], 4 * i));
+  g.putImageData(image, 0, 0);
+  return scratch.toDataURL("image/png");
+}
+
+// The selected region while it is a mask: the canvas paints it instead of drawing boxes.
+function paintingRegion() {
+  const region = state.regions[state.selected];
+  return region && region.kind === "mask" ? region : null;
+}
+
+function showMaskTools() {
+  const painting = paintingRegion() !== null;
+  $("mask-tools").classList.toggle("hidden", !painting);
+  $("mask-name").textContent = painting ? `Painting region ${state.selected}:` : "";
+  if (!painting) state.hover = null;
+}
+
+// A box region becomes a mask of its box; a mask region becomes the box around its mask (or keeps its last box).
+function setKind(index, kind) {
+  const region = state.regions[index];
+  if (region.kind === kind) return;
+  if (kind === "mask") {
+    region.mask = maskFromBox(region);
+  } else {
+    const bounds = maskBounds(region.mask);
+    const { width, height } = region.mask;
+    if (bounds) Object.assign(region, { x0: bounds[0] / width, y0: bounds[1] / height, x1: bounds[2] / width,
+      y1: bounds[3] / height });
+    region.mask = null;
+  }
+  region.kind = kind;
+  state.selected = index;
+  renderRegions();
+  draw();
+}
+
+function regionSize(region) {
+  if (region.kind === "box") return `[${pixels(region).join(", ")}] px`;
+  const count = region.mask.cells.reduce((sum, cell) => sum + cell, 0);
+  return count ? `mask, ${count} px` : "mask, empty: paint it";
 }
 
 // -- the region list -------------------------------------------------------------------------------------------
@@ -122,7 +316,10 @@ function renderRegions() {
     item.classList.toggle("selected", index === state.selected);
     item.querySelector(".swatch").style.background = colour(index, 1);
     item.querySelector(".region-name").textContent = `Region ${index}`;
-    item.querySelector(".region-box").textContent = `[${pixels(region).join(", ")}] px`;
+    const kind = item.querySelector(".region-kind");
+    kind.value = region.kind;
+    kind.addEventListener("change", () => setKind(index, kind.value));
+    item.querySelector(".region-box").textContent = regionSize(region);
     const prompt = item.querySelector(".region-prompt");
     prompt.value = region.prompt;
     prompt.addEventListener("input", () => { region.prompt = prompt.value; draw(); });
@@ -141,6 +338,7 @@ function renderRegions() {
   });
   $("no-regions").classList.toggle("hidden", state.regions.length > 0);
   $("delete-region").disabled = state.selected < 0;
+  showMaskTools();
 }
 
 function select(index, rerender = true) {
@@ -148,6 +346,7 @@ function select(index, rerender = true) {
   state.selected = index;
   document.querySelectorAll("#regions .region").forEach((item, i) => item.classList.toggle("selected", i === index));
   $("delete-region").disabled = index < 0;
+  showMaskTools();
   if (rerender) renderRegions();
   draw();
 }
@@ -166,6 +365,7 @@ function hit(point) {
   const nearY = HANDLE / canvas.clientHeight;
   for (let i = state.regions.length - 1; i >= 0; i--) {
     const r = state.regions[i];
+    if (r.kind === "mask") continue;
     for (const [cx, cy, ax, ay] of [[r.x0, r.y0, r.x1, r.y1], [r.x1, r.y0, r.x0, r.y1], [r.x0, r.y1, r.x1, r.y0],
       [r.x1, r.y1, r.x0, r.y0]]) {
       if (Math.abs(point.raw.x - cx) <= nearX && Math.abs(point.raw.y - cy) <= nearY) {
@@ -175,6 +375,10 @@ function hit(point) {
   }
   for (let i = state.regions.length - 1; i >= 0; i--) {
     const r = state.regions[i];
+    if (r.kind === "mask") {
+      if (maskAt(r.mask, point.raw)) return { index: i, mode: "select" };
+      continue;
+    }
     if (point.raw.x >= r.x0 && point.raw.x <= r.x1 && point.raw.y >= r.y0 && point.raw.y <= r.y1) {
       return { index: i, mode: "move" };
     }
@@ -191,9 +395,17 @@ canvas.addEventListener("mousedown", (event) => {
   event.preventDefault();
   canvas.focus();
   const point = pointer(event);
+  const painting = paintingRegion();
+  if (painting) {
+    state.drag = { mode: "paint", last: point };
+    paint(painting, point, point);
+    draw();
+    return;
+  }
   const target = hit(point);
   if (target) {
     select(target.index);
+    if (target.mode === "select") return; // a mask region: selected, so the next drag paints it
     const region = state.regions[target.index];
     state.drag = { mode: target.mode, start: point, anchor: target.anchor, origin: { ...region } };
   } else {
@@ -204,9 +416,17 @@ canvas.addEventListener("mousedown", (event) => {
 
 window.addEventListener("mousemove", (event) => {
   const drag = state.drag;
-  if (!drag) return;
+  const painting = paintingRegion();
+  if (painting) state.hover = event.target === canvas ? pointer(event).raw : null;
+  if (!drag) {
+    if (painting) draw();
+    return;
+  }
   const point = pointer(event);
-  if (drag.mode === "new") {
+  if (drag.mode === "paint") {
+    paint(painting, drag.last, point);
+    drag.last = point;
+  } else if (drag.mode === "new") {
     drag.box = { ...boxFrom(drag.start, point), prompt: "" };
   } else if (drag.mode === "resize") {
     Object.assign(state.regions[state.selected], boxFrom(drag.anchor, point));
@@ -229,24 +449,33 @@ window.addEventListener("mouseup", () => {
   const big = (r) => Math.round((r.x1 - r.x0) * width) >= 1 && Math.round((r.y1 - r.y0) * height) >= 1;
   if (drag.mode === "new") {
     if (drag.box && big(drag.box)) {
-      state.regions.push({ ...drag.box, prompt: "", negative: "", adapterWeight: "1" });
+      state.regions.push({ ...drag.box, kind: "box", mask: null, prompt: "", negative: "", adapterWeight: "1" });
       state.selected = state.regions.length - 1;
       renderRegions();
       draw();
       document.querySelectorAll("#regions .region-prompt")[state.selected].focus();
       return;
     }
-  } else if (!big(state.regions[state.selected])) {
+  } else if (drag.mode !== "paint" && !big(state.regions[state.selected])) {
     Object.assign(state.regions[state.selected], drag.origin); // a resize that left no pixel: undone
   }
   renderRegions();
   draw();
 });
 
+canvas.addEventListener("mouseleave", () => {
+  if (state.hover) {
+    state.hover = null;
+    draw();
+  }
+});
+
 canvas.addEventListener("keydown", (event) => {
   if ((event.key === "Delete" || event.key === "Backspace") && state.selected >= 0) {
     event.preventDefault();
     removeRegion(state.selected);
+  } else if (event.key === "Escape") {
+    select(-1);
   }
 });
 
@@ -267,8 +496,8 @@ function usingCondition() {
   return $("use-condition").checked && state.backgroundURL !== null;
 }
 
-// The layout as JSON text: what load_layout reads, boxes as fractions (every value <= 1). A seed keeps all its
-// digits (a JavaScript number would round one above 2**53).
+// The layout as JSON text: what load_layout reads, boxes as fractions (every value <= 1), masks as PNG data URLs
+// (the server saves them as files). A seed keeps all its digits (a JavaScript number would round one above 2**53).
 function layoutJSON(extra = {}) {
   const document_ = {
     prompt: $("prompt").value,
@@ -284,7 +513,8 @@ function layoutJSON(extra = {}) {
   document_.regions = state.regions.map((r) => {
     const region = { prompt: r.prompt };
     if (r.negative.trim() !== "") region.negative_prompt = r.negative;
-    region.box = [r.x0, r.y0, r.x1, r.y1];
+    if (r.kind === "mask") region.mask = maskURL(r.mask);
+    else region.box = [r.x0, r.y0, r.x1, r.y1];
     if (usingCondition() && numberValue(r.adapterWeight) !== 1) region.adapter_weight = numberValue(r.adapterWeight);
     return region;
   });
@@ -342,8 +572,9 @@ $("check").addEventListener("click", () => guarded(async () => {
 $("save-layout").addEventListener("click", () => guarded(async () => {
   const data = await check();
   $("save-layout-link").click();
-  const kept = data.layout.conditions.map((c) => `\nIts condition image, ${c.image}, is kept while the studio runs: `
-    + "copy it and change the path in the file to keep it.").join("");
+  const files = [...data.layout.conditions.map((c) => c.image), ...data.layout.regions.flatMap((r) => r.mask || [])];
+  const kept = files.length ? `\nIts images (${files.join(", ")}) are kept while the studio runs: copy them and `
+    + "change the paths in the file to keep them." : "";
   say(`Saved layout.yaml: sample it with  mixofshow sample --model ... --layout layout.yaml${kept}`);
 }));
 
@@ -467,12 +698,21 @@ function showCondition() {
 $("use-condition").addEventListener("change", showCondition);
 
 $("delete-region").addEventListener("click", () => { if (state.selected >= 0) removeRegion(state.selected); });
+$("done-painting").addEventListener("click", () => select(-1));
+$("clear-mask").addEventListener("click", () => {
+  const region = paintingRegion();
+  if (!region) return;
+  region.mask.cells.fill(0);
+  renderRegions();
+  draw();
+});
 $("clear-regions").addEventListener("click", () => { state.regions = []; state.selected = -1; renderRegions(); draw(); });
 
 for (const id of ["width", "height"]) {
   $(id).addEventListener("change", () => {
-    const { width, height } = imageSize(); // boxes stay where they are, snapped to the new pixel grid
+    const { width, height } = imageSize(); // boxes stay where they are, snapped to the new grid; masks resampled
     for (const r of state.regions) {
+      if (r.mask) r.mask = resizeMask(r.mask, width, height);
       Object.assign(r, { x0: snap(r.x0, width), x1: snap(r.x1, width), y0: snap(r.y0, height), y1: snap(r.y1, height) });
       if (r.x1 <= r.x0) r.x1 = Math.min(1, r.x0 + 1 / width);
       if (r.y1 <= r.y0) r.y1 = Math.min(1, r.y0 + 1 / height);
