@@ -6,10 +6,11 @@ nova and vega both stars), each fusion method (weight, gradient, zip) and each t
 
 - single concept: every concept's prompts (--prompts positions/backgrounds x --samples fixed seeds, the same noise
   for every model) from its own model (the base plus its LoRA) and from the fused model, scored with the toy
-  world's classifier (`mixofshow.toyworld.evaluate`): identity (the concept head names the concept), shape, colour,
-  background, position. The table gives each value and, for identity and the mean of the four prompt-fidelity
-  metrics, the ratio to the concepts' own models measured in the same run; identity also softly (identity p: the
-  classifier's mean probability of the concept, continuous like CLIP similarity), with its ratio;
+  world's classifier (`mixofshow.toyworld.evaluate`): identity (the concept head names the concept), strict
+  identity (that, in the concept's shape and colour too), shape, colour, background, position. The table gives
+  each value and, for both identities and the mean of the four prompt-fidelity metrics, the ratio to the concepts'
+  own models measured in the same run; identity also softly (identity p: the classifier's mean probability of the
+  concept, continuous like CLIP similarity), with its ratio;
 - regional binding, for n = 2 and 3: a layout with one region per concept (left/right or left/center/right), each
   region's object classified: the share of regions holding their own concept. Its ceiling, in the own-models row:
   each region's object alone (same size, place, background and noise) drawn by its concept's own model.
@@ -66,7 +67,7 @@ from mixofshow.toyworld.evaluate import (
 from mixofshow.toyworld.render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES, render
 
 FIDELITY = ("shape", "colour", "background", "position")
-COLUMNS = ("identity", "identity_p") + FIDELITY
+COLUMNS = ("identity", "identity_strict", "identity_p") + FIDELITY
 IDENTITY_GOAL, BINDING_GOAL = 0.95, 0.90
 
 
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=tuple(UNET_TARGET_PATTERNS), help="UNet layers with LoRA")
     parser.add_argument("--tune-lr-embedding", type=float, default=ToyTuning.lr_embedding,
                         help="learning rate of the concept embeddings")
+    parser.add_argument("--tune-first-word", default=ToyTuning.first_word, choices=("random", "colour"),
+                        help="initialiser of the first concept word")
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
@@ -229,7 +232,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
                            lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet,
-                           unet_lora_layers=args.tune_unet_lora_layers, seed=seed)
+                           unet_lora_layers=args.tune_unet_lora_layers,
+                           first_word=args.tune_first_word, seed=seed)
         files, own, own_pipes = {}, {}, {}
         for concept in used:
             folder = work / tuning_folder_name(tuning, concept, components)
@@ -260,7 +264,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"]}
                 timings["sampling and scoring"] += time.perf_counter() - start
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
-                         "identity_ratio": 1.0, "identity_p_ratio": 1.0, "fidelity_ratio": 1.0, **own_binding,
+                         "identity_ratio": 1.0, "identity_strict_ratio": 1.0, "identity_p_ratio": 1.0,
+                         "fidelity_ratio": 1.0, **own_binding,
                          "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
             for method in args.methods:
                 start = time.perf_counter()
@@ -288,6 +293,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 own_fidelity = sum(reference[m] for m in FIDELITY) / len(FIDELITY)
                 rows.append({"seed": seed, "mode": mode, "n": n, "method": method, **summary,
                              "identity_ratio": _ratio(summary["identity"], reference["identity"]),
+                             "identity_strict_ratio": _ratio(summary["identity_strict"],
+                                                             reference["identity_strict"]),
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
                              "binding_p": binding["binding_p"],
@@ -336,14 +343,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(args.seeds) > 1:
         print("Each cell: the mean over the seeds (a seed whose own identity is 0 has no ratio and is left out of "
               "it), and [lowest, highest] for the ratios and binding.\n")
-    header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "identity p vs own",
+    header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "strict vs own",
+              "identity p vs own",
               "fidelity vs own", "regional binding", "binding p", "binding vs own"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = seed_means(rows)
     for row in table:
         cells = [row["mode"], str(row["n"]), row["method"], *(_format(row[m]) for m in COLUMNS),
-                 _cell(row, "identity_ratio", False), _cell(row, "identity_p_ratio", False),
+                 _cell(row, "identity_ratio", False), _cell(row, "identity_strict_ratio", False),
+                 _cell(row, "identity_p_ratio", False),
                  _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"]),
                  _cell(row, "binding_ratio", False)]
         print("| " + " | ".join(cells) + " |")

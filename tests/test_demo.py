@@ -144,13 +144,16 @@ def test_scores_compare_the_classifier_with_the_target():
     targets = concept_targets(get_concept("pip"), 3) + [composition_target([get_concept("pip"), get_concept("nova"),
                                                                               get_concept("moss")])]
     images = [render(t.scene) for t in targets]
-    mistakes = {(0, 0): {"shape": "star"}, (3, 0): {"concept": "nova"}, (3, 1): {"concept": "pip"}}
+    mistakes = {(0, 0): {"shape": "star"}, (1, 0): {"colour": "pink"}, (3, 0): {"concept": "nova"},
+                (3, 1): {"concept": "pip"}}
     scores = score_images(Oracle(targets, mistakes), images, targets)
     assert len(scores) == 3 + 3 and all(s.correct["found"] and s.correct["position"] for s in scores)
     summary = summarize(scores)
     assert summary["shape"] == pytest.approx(5 / 6) and summary["identity"] == pytest.approx(4 / 6)
     assert summary["identity_p"] == pytest.approx(4 / 6)  # certain answers: the soft score equals the hard one
-    assert all(summary[m] == 1.0 for m in ("colour", "pattern", "accessory", "background"))
+    assert summary["colour"] == pytest.approx(5 / 6)
+    assert summary["identity_strict"] == pytest.approx(2 / 6)  # pip as a star, or pink, is not strictly pip
+    assert all(summary[m] == 1.0 for m in ("pattern", "accessory", "background"))
     regions = [s for s in scores if s.image == 3]
     binding = binding_summary(regions, targets)
     assert binding == {"binding": pytest.approx(1 / 3), "binding_p": pytest.approx(1 / 3), "all_bound": 0.0,
@@ -248,11 +251,11 @@ def test_toy_tuning_reaches_the_training_config(toy_folder, tmp_path):
     _, components, _ = load_toy_world(toy_folder)
     # values unlike both ToyTuning's and the training config's defaults, so a dropped field shows
     tuning = ToyTuning(steps=1, batch_size=1, images=2, lr_embedding=7e-3, lr_unet=9e-4, embedding_norm_limit=0.31,
-                       rank=2)
-    recorded = load_concept(tune_concept(get_concept("pip"), toy_folder, components, tmp_path, tuning,
-                                         progress=False)).config
+                       rank=2, first_word="colour")
+    concept = load_concept(tune_concept(get_concept("pip"), toy_folder, components, tmp_path, tuning, progress=False))
     for name in ("steps", "batch_size", "lr_embedding", "lr_text_encoder", "lr_unet", "embedding_norm_limit", "rank"):
-        assert recorded[name] == getattr(tuning, name), name
+        assert concept.config[name] == getattr(tuning, name), name
+    assert concept.initializers == ("red", "circle")
 
 
 def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):

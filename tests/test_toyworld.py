@@ -149,6 +149,10 @@ def test_concepts_are_distinct_with_deliberate_look_alikes():
     assert any(class_words.count(w) >= 2 for w in class_words)
     assert get_concept("pip").words == ("<pip1>", "<pip2>")
     assert get_concept("pip").initializers == ("<rand-0.013>", "circle")
+    assert get_concept("pip").initializers_from("random") == ("<rand-0.013>", "circle")
+    assert get_concept("moss").initializers_from("colour") == ("green", "square")
+    with pytest.raises(ValueError, match="first_word 'shape'"):
+        get_concept("pip").initializers_from("shape")
 
 
 def test_concept_folder_is_readable_by_the_trainer(tmp_path):

@@ -83,8 +83,17 @@ class Concept:
 
     @property
     def initializers(self) -> tuple[str, str]:
-        """ED-LoRA initialisers for `words`: a random one and the class word."""
+        """ED-LoRA initialisers for `words`: a random one and the class word (the official recipe)."""
         return "<rand-0.013>", self.class_word
+
+    def initializers_from(self, first_word: str = "random") -> tuple[str, str]:
+        """`initializers` with the first word from `first_word`: "random" (the official recipe) or "colour" (the
+        concept's colour word, the other attribute of it the base model knows)."""
+        if first_word == "random":
+            return self.initializers
+        if first_word == "colour":
+            return self.colour, self.class_word
+        raise ValueError(f"first_word {first_word!r}: choose random or colour.")
 
     def object(self, column: str = "center", row: str = "middle", size: str = "medium", accessory: str = "none",
                offset: tuple[float, float] = (0.0, 0.0)) -> ToyObject:

@@ -8,7 +8,10 @@ classifies a crop around it, and compares with the target:
   of the paper's CLIP image alignment;
 - prompt fidelity: shape, colour, pattern, accessory, background, and position (the nearest of the nine positions
   the renderer draws); the analogue of CLIP text alignment;
-- regional binding: in a multi-region image, each region's object is that region's concept (identity, per box).
+- regional binding: in a multi-region image, each region's object is that region's concept (identity, per box);
+- strict identity (`identity_strict`): identity with the right shape and colour too. The concept head was trained
+  only on concepts in their own colours, so it may name a wrongly coloured look-alike (a pink square with moss's
+  cross) the concept; strict identity does not.
 
 Identity is also scored softly, as `identity_p`: the classifier's probability of the target's concept, a continuous
 score like the paper's CLIP similarity (with the shipped classifier it stays close to the right/wrong share).
@@ -36,7 +39,7 @@ from .render import BACKGROUNDS, COLUMNS, ROWS, Scene, ToyObject, caption, contr
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the image side
 
 HEADS = ("shape", "colour", "pattern", "accessory", "background")  # classifier heads compared with the target
-METRICS = ("found", "identity") + HEADS + ("position",)
+METRICS = ("found", "identity") + HEADS + ("position", "identity_strict")
 SOFT_METRICS = ("identity_p",)  # read from `ObjectScore.soft`; NaN for a classifier without `probabilities`
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel belongs to an object
 MIN_OBJECT_PIXELS = 6  # smaller blobs are noise, not an object
@@ -337,6 +340,7 @@ def score_images(classifier, images: Sequence, targets: Sequence[Target]) -> lis
         correct = {"found": box is not None, "identity": answer.get("concept") == (target.concepts[j] or "none")}
         correct.update({head: answer.get(head) == truth[head] for head in HEADS})
         correct["position"] = position == (obj.column, obj.row)
+        correct["identity_strict"] = correct["identity"] and correct["shape"] and correct["colour"]
         soft = {}
         if concept_p is not None:
             soft["identity_p"] = float(concept_p[k, classifier.heads["concept"].index(target.concepts[j] or "none")])
