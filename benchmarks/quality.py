@@ -265,8 +265,9 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 timings["sampling and scoring"] += time.perf_counter() - start
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
                          "identity_ratio": 1.0, "identity_strict_ratio": 1.0, "identity_p_ratio": 1.0,
-                         "fidelity_ratio": 1.0, **own_binding,
-                         "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
+                         "fidelity_ratio": 1.0, **own_binding, "regions_alone": own_binding["binding"],
+                         "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"]),
+                         "binding_alone_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
             for method in args.methods:
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
@@ -282,12 +283,17 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                     scores += [s for group in score_samples(classifier, images, targets[name]) for s in group]
                 summary = summarize(scores)
                 binding = {"binding": float("nan"), "binding_p": float("nan")}
+                regions_alone = float("nan")
                 if n in (2, 3):
                     layout = [composition_target(used[:n])]
                     images = sample_targets(pipe, layout, args.samples, regional=True,
                                             desc=f"{mode}, n={n}, {method}: regions", **sampling)
                     flat = [s for group in score_samples(classifier, images, layout) for s in group]
                     binding = binding_summary(flat, layout * len(images[0]))
+                    # The same model drawing each region's object alone: splits fusion's loss from composing's
+                    parts, images = sample_regions_alone([pipe] * n, layout[0], args.samples, **sampling)
+                    regions_alone = summarize([s for group in score_samples(classifier, images, parts)
+                                               for s in group], ("identity",))["identity"]
                 timings["sampling and scoring"] += time.perf_counter() - start
                 fidelity = sum(summary[m] for m in FIDELITY) / len(FIDELITY)
                 own_fidelity = sum(reference[m] for m in FIDELITY) / len(FIDELITY)
@@ -297,8 +303,9 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                                                              reference["identity_strict"]),
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
-                             "binding_p": binding["binding_p"],
-                             "binding_ratio": _ratio(binding["binding"], own_binding["binding"])})
+                             "binding_p": binding["binding_p"], "regions_alone": regions_alone,
+                             "binding_ratio": _ratio(binding["binding"], own_binding["binding"]),
+                             "binding_alone_ratio": _ratio(binding["binding"], regions_alone)})
     return rows
 
 
@@ -344,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         print("Each cell: the mean over the seeds (a seed whose own identity is 0 has no ratio and is left out of "
               "it), and [lowest, highest] for the ratios and binding.\n")
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "strict vs own",
-              "identity p vs own",
-              "fidelity vs own", "regional binding", "binding p", "binding vs own"]
+              "identity p vs own", "fidelity vs own", "regional binding", "binding p", "binding vs own",
+              "regions alone", "binding vs alone"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = seed_means(rows)
@@ -354,11 +361,14 @@ def main(argv: list[str] | None = None) -> None:
                  _cell(row, "identity_ratio", False), _cell(row, "identity_strict_ratio", False),
                  _cell(row, "identity_p_ratio", False),
                  _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"]),
-                 _cell(row, "binding_ratio", False)]
+                 _cell(row, "binding_ratio", False), _cell(row, "regions_alone", True),
+                 _cell(row, "binding_alone_ratio", False)]
         print("| " + " | ".join(cells) + " |")
     print("\nRegional binding of the own-models rows: the identity each concept's own model reaches drawing its "
           "region's object alone (same size, place, background and noise), the ceiling of binding; 'binding vs "
-          "own' is the fused model's binding over it.\n")
+          "own' is the fused model's binding over it. 'regions alone': the row's model drawing each region's object "
+          "alone (for the own models, the ceiling again); 'binding vs alone': what composing the regions in one "
+          "image keeps of it.\n")
     if len(args.seeds) > 1:
         print_per_seed(rows, args.seeds)
     for row in table:

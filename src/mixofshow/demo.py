@@ -315,14 +315,15 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
 
 def sample_regions_alone(pipes: Sequence[MixOfShowPipeline], composition: Target, samples: int, **sampling
                          ) -> tuple[list[Target], list[list[Image.Image]]]:
-    """The ceiling of regional binding: each object of `composition` alone (`Target.part`), drawn by its concept's
-    own model `pipes[i]` from the same noise as the composition's images.
+    """Each object of `composition` alone (`Target.part`), drawn by `pipes[i]` from the same noise as the
+    composition's images. With each concept's own model: the ceiling of regional binding; with the fused model
+    for every part: what the fused model reaches before regions are composed.
 
     Returns:
         The parts, and per part its images (`sample_targets`' output, ready for `score_samples`).
     """
     parts = [composition.part(index) for index in range(len(composition.scene.objects))]
-    images = [sample_targets(pipe, [part], samples, desc=f"own model of {part.concepts[0]}, its region alone",
+    images = [sample_targets(pipe, [part], samples, desc=f"{part.concepts[0]}, its region alone",
                              **sampling)[0] for pipe, part in zip(pipes, parts)]
     return parts, images
 
