@@ -55,7 +55,7 @@ from mixofshow.demo import (
     tune_concept,
 )
 from mixofshow.lora import UNET_TARGET_PATTERNS
-from mixofshow.toyworld.concepts import Concept, concept_scenes, get_concept
+from mixofshow.toyworld.concepts import FIRST_WORDS, Concept, concept_scenes, get_concept
 from mixofshow.toyworld.evaluate import (
     HEADS,
     binding_summary,
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=tuple(UNET_TARGET_PATTERNS), help="UNet layers with LoRA")
     parser.add_argument("--tune-lr-embedding", type=float, default=ToyTuning.lr_embedding,
                         help="learning rate of the concept embeddings")
-    parser.add_argument("--tune-first-word", default=ToyTuning.first_word, choices=("random", "colour"),
+    parser.add_argument("--tune-first-word", default=ToyTuning.first_word, choices=FIRST_WORDS,
                         help="initialiser of the first concept word")
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,

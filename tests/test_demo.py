@@ -266,6 +266,13 @@ def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert "no toy-world model" in capsys.readouterr().err
 
 
+def test_toy_tuning_refuses_an_unknown_first_word():
+    from mixofshow.demo import ToyTuning
+
+    with pytest.raises(ValueError, match="first_word 'shape': choose one of random, colour"):
+        ToyTuning(first_word="shape")
+
+
 def test_demo_config_checks_its_fields():
     with pytest.raises(ValueError, match="exactly three"):
         DemoConfig(out="x", concepts=("pip", "nova"))

@@ -38,7 +38,7 @@ from .pipelines import MixOfShowPipeline
 from .pipelines.regional import RegionPrompts
 from .tokenizer import load_clip_tokenizer
 from .toyworld.classifier import CLASSIFIER_FILE, load_classifier
-from .toyworld.concepts import Concept, get_concept, write_concept_folder
+from .toyworld.concepts import FIRST_WORDS, Concept, get_concept, write_concept_folder
 from .toyworld.evaluate import (
     METRICS,
     ObjectScore,
@@ -91,6 +91,10 @@ class ToyTuning:
     first_word: str = field(default="random", metadata={"help": "initialiser of the first concept word: random "
                                                                  "(official) or colour (the concept's colour word)"})
     seed: int = field(default=0, metadata={"help": "seeds the rendered images and the tuning"})
+
+    def __post_init__(self) -> None:
+        if self.first_word not in FIRST_WORDS:
+            raise ValueError(f"first_word {self.first_word!r}: choose one of {', '.join(FIRST_WORDS)}.")
 
 
 @dataclass(frozen=True)
@@ -554,8 +558,7 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
                  f"{config.prompts_per_concept} prompt(s) x {config.samples_per_prompt} image(s) per concept, the "
                  "same noise for every model. <i>identity</i>: the classifier's concept head names the concept (on "
                  "the object found in the image); <i>identity_strict</i>: that, in the concept's shape and colour "
-                 "too; "
-                 "<i>identity_p</i>: the concept head's mean probability of the concept (soft); "
+                 "too; <i>identity_p</i>: the concept head's mean probability of the concept (soft); "
                  "<i>shape, colour</i>: the concept's class word and colour; "
                  "<i>background, position</i>: as the prompt asks. Share of objects right.</p>")
     parts.append(_table(["model", *TABLE_METRICS, "identity vs own model"], rows))

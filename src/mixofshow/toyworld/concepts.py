@@ -42,6 +42,8 @@ PLACEHOLDER = "<TOK>"  # the same placeholder as mixofshow.data.CONCEPT_PLACEHOL
 _MIN_CONTRAST = 110.0
 # Training image sizes in turn; medium first, the size single-concept prompts draw.
 _TRAINING_SIZES = ("medium", "large", "small")
+# Where the first ED-LoRA word starts: a random vector (the official recipe) or the concept's colour word
+FIRST_WORDS = ("random", "colour")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Concept:
             return self.initializers
         if first_word == "colour":
             return self.colour, self.class_word
-        raise ValueError(f"first_word {first_word!r}: choose random or colour.")
+        raise ValueError(f"first_word {first_word!r}: choose one of {', '.join(FIRST_WORDS)}.")
 
     def object(self, column: str = "center", row: str = "middle", size: str = "medium", accessory: str = "none",
                offset: tuple[float, float] = (0.0, 0.0)) -> ToyObject:
