@@ -38,7 +38,7 @@ from .pipelines import MixOfShowPipeline
 from .pipelines.regional import RegionPrompts
 from .tokenizer import load_clip_tokenizer
 from .toyworld.classifier import CLASSIFIER_FILE, load_classifier
-from .toyworld.concepts import FIRST_WORDS, Concept, get_concept, write_concept_folder
+from .toyworld.concepts import Concept, check_first_word, get_concept, write_concept_folder
 from .toyworld.evaluate import (
     METRICS,
     ObjectScore,
@@ -93,8 +93,7 @@ class ToyTuning:
     seed: int = field(default=0, metadata={"help": "seeds the rendered images and the tuning"})
 
     def __post_init__(self) -> None:
-        if self.first_word not in FIRST_WORDS:
-            raise ValueError(f"first_word {self.first_word!r}: choose one of {', '.join(FIRST_WORDS)}.")
+        check_first_word(self.first_word)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,12 @@ _TRAINING_SIZES = ("medium", "large", "small")
 FIRST_WORDS = ("random", "colour")
 
 
+def check_first_word(first_word: str) -> None:
+    """Raise naming the choices unless `first_word` is one of `FIRST_WORDS`."""
+    if first_word not in FIRST_WORDS:
+        raise ValueError(f"first_word {first_word!r}: choose one of {', '.join(FIRST_WORDS)}.")
+
+
 @dataclass(frozen=True)
 class Concept:
     """A toy-world character.
@@ -91,11 +97,8 @@ class Concept:
     def initializers_from(self, first_word: str = "random") -> tuple[str, str]:
         """`initializers` with the first word from `first_word`: "random" (the official recipe) or "colour" (the
         concept's colour word, the other attribute of it the base model knows)."""
-        if first_word == "random":
-            return self.initializers
-        if first_word == "colour":
-            return self.colour, self.class_word
-        raise ValueError(f"first_word {first_word!r}: choose one of {', '.join(FIRST_WORDS)}.")
+        check_first_word(first_word)
+        return (self.colour, self.class_word) if first_word == "colour" else self.initializers
 
     def object(self, column: str = "center", row: str = "middle", size: str = "medium", accessory: str = "none",
                offset: tuple[float, float] = (0.0, 0.0)) -> ToyObject:
