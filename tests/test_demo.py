@@ -1,6 +1,7 @@
 """Tests for `mixofshow demo` and the toy-world scoring it uses (mixofshow.toyworld.evaluate): the demo's fast mode
 end to end on a smoke-trained toy folder, and the scoring of rendered ground truth."""
 
+import itertools
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from mixofshow.toyworld.concepts import CONCEPTS, get_concept, random_concept_sc
 from mixofshow.toyworld.evaluate import (
     HEADS,
     Target,
+    backgrounds_for,
     binding_summary,
     column_regions,
     composition_target,
@@ -32,6 +34,7 @@ from mixofshow.toyworld.evaluate import (
     summarize,
 )
 from mixofshow.toyworld.models import load_toyworld_pipeline, toyworld_asset_folder
+from mixofshow.toyworld.render import COLUMNS, ROWS
 from mixofshow.toyworld.train import main as train_toyworld
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +84,29 @@ def test_empty_region_has_no_object():
     image = np.asarray(render(Scene("mint", (ToyObject("star", "red", column="left"),))))
     assert find_object(image, (0.0, 0.0, 1.0, 1.0)) is not None
     assert find_object(image, (0.6, 0.0, 1.0, 1.0)) is None
+
+
+def test_an_object_cut_by_lines_of_the_background_colour_is_found_whole():
+    image = np.full((64, 64, 3), 245, np.uint8)
+    image[20:40, 10:30] = (135, 60, 190)
+    image[29, 10:30] = 245  # a white line through a purple square, as a white spiral cuts a purple star
+    image[20:40, 24] = 245
+    assert find_object(image) == (10 / 64, 20 / 64, 30 / 64, 40 / 64)
+
+
+def test_shipped_classifier_knows_every_concept_at_every_size_place_and_background():
+    """Strict identity (concept, shape and colour) of every concept drawn alone at every size and position, the
+    backgrounds in turn, and of every ordered triple side by side (small, as three-region layouts draw them)."""
+    classifier = load_classifier()
+    targets = []
+    for concept in CONCEPTS:
+        backgrounds = itertools.cycle(backgrounds_for([concept.colour]))
+        for size, column, row in itertools.product(("small", "medium", "large"), COLUMNS, ROWS):
+            targets.append(Target(Scene(next(backgrounds), (concept.object(column, row, size),)), (concept.name,)))
+    triples = [composition_target(triple) for triple in itertools.permutations(CONCEPTS, 3)]
+    for group in (targets, triples):
+        scores = score_images(classifier, [render(t.scene) for t in group], group)
+        assert summarize(scores)["identity_strict"] >= 0.99, summarize(scores)
 
 
 def test_column_regions_split_between_objects():

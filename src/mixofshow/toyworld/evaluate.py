@@ -227,9 +227,18 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+def _dilated(mask: np.ndarray) -> np.ndarray:
+    """A bool mask grown by one pixel in all eight directions."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    return np.any([padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], axis=0)
+
+
 def find_object(image: np.ndarray, region: Box = (0.0, 0.0, 1.0, 1.0),
                 threshold: float = FOREGROUND_DISTANCE) -> Box | None:
-    """The box of the largest blob of non-background pixels inside `region`, or None if there is none.
+    """The box of the largest blob of non-background pixels inside `region`, or None if there is none. Pixels at
+    most two apart count as one blob, so that ink in the background's colour (a white spiral on a white background)
+    does not cut an object into pieces.
 
     Args:
         image: (H, W, 3) uint8, square.
@@ -244,7 +253,9 @@ def find_object(image: np.ndarray, region: Box = (0.0, 0.0, 1.0, 1.0),
     x0, y0, x1, y1 = box_pixels(region, size)
     inside = np.zeros_like(distance, dtype=bool)
     inside[y0:y1, x0:x1] = True
-    blob = _largest_component((distance > threshold) & inside)
+    foreground = (distance > threshold) & inside
+    # Blobs one or two pixels apart are one object (a pattern or emblem in the background's colour cuts through it)
+    blob = _largest_component(_dilated(foreground) & inside) & foreground
     if blob.sum() < MIN_OBJECT_PIXELS:
         return None
     ys, xs = np.nonzero(blob)
