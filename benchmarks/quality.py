@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="2 concepts, n = 1, 2, 1 prompt x 2 samples, 20 tuning steps, 10 sampling steps")
     parser.add_argument("--device", default="cpu", help="where the models run: cpu or cuda (tuning runs where "
                                                         "accelerate puts it, the GPU whenever there is one)")
+    parser.add_argument("--isolate-regions", action="store_true",
+                        help="also sample every layout with its regions kept apart in self-attention "
+                             "(`RegionPrompts.isolate`): the 'binding, isolated' column")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -266,6 +269,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
                          "identity_ratio": 1.0, "identity_strict_ratio": 1.0, "identity_p_ratio": 1.0,
                          "fidelity_ratio": 1.0, **own_binding, "regions_alone": own_binding["binding"],
+                         "binding_isolated": float("nan"),
                          "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"]),
                          "binding_alone_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
             for method in args.methods:
@@ -283,13 +287,18 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                     scores += [s for group in score_samples(classifier, images, targets[name]) for s in group]
                 summary = summarize(scores)
                 binding = {"binding": float("nan"), "binding_p": float("nan")}
-                regions_alone = float("nan")
+                regions_alone = isolated = float("nan")
                 if n in (2, 3):
                     layout = [composition_target(used[:n])]
                     images = sample_targets(pipe, layout, args.samples, regional=True,
                                             desc=f"{mode}, n={n}, {method}: regions", **sampling)
                     flat = [s for group in score_samples(classifier, images, layout) for s in group]
                     binding = binding_summary(flat, layout * len(images[0]))
+                    if args.isolate_regions:
+                        images = sample_targets(pipe, layout, args.samples, regional=True, isolate=True,
+                                                desc=f"{mode}, n={n}, {method}: regions, isolated", **sampling)
+                        isolated = summarize([s for group in score_samples(classifier, images, layout)
+                                              for s in group], ("identity",))["identity"]
                     # The same model drawing each region's object alone: splits fusion's loss from composing's
                     parts, images = sample_regions_alone([pipe] * n, layout[0], args.samples, **sampling)
                     regions_alone = summarize([s for group in score_samples(classifier, images, parts)
@@ -304,6 +313,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
                              "binding_p": binding["binding_p"], "regions_alone": regions_alone,
+                             "binding_isolated": isolated,
                              "binding_ratio": _ratio(binding["binding"], own_binding["binding"]),
                              "binding_alone_ratio": _ratio(binding["binding"], regions_alone)})
     return rows
@@ -352,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
               "it), and [lowest, highest] for the ratios and binding.\n")
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own", "strict vs own",
               "identity p vs own", "fidelity vs own", "regional binding", "binding p", "binding vs own",
-              "regions alone", "binding vs alone"]
+              "regions alone", "binding vs alone"] + (["binding, isolated"] if args.isolate_regions else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = seed_means(rows)
@@ -363,12 +373,14 @@ def main(argv: list[str] | None = None) -> None:
                  _cell(row, "fidelity_ratio", False), _cell(row, "binding", True), _format(row["binding_p"]),
                  _cell(row, "binding_ratio", False), _cell(row, "regions_alone", True),
                  _cell(row, "binding_alone_ratio", False)]
+        if args.isolate_regions:
+            cells.append(_cell(row, "binding_isolated", True))
         print("| " + " | ".join(cells) + " |")
     print("\nRegional binding of the own-models rows: the identity each concept's own model reaches drawing its "
           "region's object alone (same size, place, background and noise), the ceiling of binding; 'binding vs "
           "own' is the fused model's binding over it. 'regions alone': the row's model drawing each region's object "
           "alone (for the own models, the ceiling again); 'binding vs alone': what composing the regions in one "
-          "image keeps of it.\n")
+          "image keeps of it. 'binding, isolated': the binding with the regions also kept apart in self-attention.\n")
     if len(args.seeds) > 1:
         print_per_seed(rows, args.seeds)
     for row in table:

@@ -115,6 +115,18 @@ def test_file_round_trip(folder, tmp_path, monkeypatch, suffix):
     assert load_layout(layout.to_dict()) == layout
 
 
+def test_isolated_regions_round_trip_and_reach_the_region_prompts(folder):
+    from mixofshow.pipelines.regional import RegionPrompts
+
+    layout = load_layout({**valid_document(), "isolate_regions": True}, base_dir=folder)
+    assert layout.isolate_regions and layout.to_dict()["isolate_regions"] is True
+    assert load_layout(layout.to_dict()) == layout
+    assert RegionPrompts.from_layout(layout).isolate
+    plain = load_layout(valid_document(), base_dir=folder)
+    assert not plain.isolate_regions and "isolate_regions" not in plain.to_dict()
+    assert not RegionPrompts.from_layout(plain).isolate
+
+
 def test_to_dict_is_plain_data(folder):
     data = load_layout(valid_document(), base_dir=folder).to_dict()
     assert data["regions"][0]["box"] == [8, 8, 40, 24]
@@ -190,6 +202,8 @@ BAD = {
     "prompt not a string": (_set(["prompt"], 5), "prompt must be a string, got 5"),
     "prompt a list": (_set(["prompt"], ["a", "b"]), "prompt must be a string"),
     "negative prompt null": (_set(["negative_prompt"], None), "negative_prompt must be a string"),
+    "isolate_regions a string": (_set(["isolate_regions"], "yes"), "isolate_regions must be true or false, got 'yes'"),
+    "isolate_regions a number": (_set(["isolate_regions"], 1), "isolate_regions must be true or false, got 1"),
     "width zero": (_set(["width"], 0), "width must be from 8"),
     "width negative": (_set(["width"], -64), "width must be from 8"),
     "width a string": (_set(["width"], "64"), "width must be a whole number, got '64'"),

@@ -4,6 +4,7 @@ locality, T2I-Adapter / ControlNet conditions with region weights, layouts, bad 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from mixofshow.attention import REGIONS_KEY, MixOfShowAttnProcessor, RegionalAttention, cross_attention_layers
@@ -132,6 +133,41 @@ def test_masks_follow_every_layer_resolution_of_an_odd_latent():
         regional.weights(11, torch.zeros(1))
 
 
+def self_attention_inputs(seed, side):
+    """The tiny UNet's first self-attention layer, a processor for it and random hidden states `(1, side^2, C)`."""
+    unet = tiny_components(0)["unet"]
+    attn = next(m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention)
+    torch.manual_seed(seed)
+    return attn, MixOfShowAttnProcessor(), torch.randn(1, side * side, attn.to_q.in_features)
+
+
+def test_isolated_regions_do_not_see_each_other_in_self_attention():
+    """With `isolate`, a position of the left region does not attend to the right region at all (its output is the
+    same whatever the right region holds) but still sees the gap between them; without it, it sees both."""
+    attn, processor, hidden = self_attention_inputs(4, side=8)
+    masks = torch.stack([box_mask(0, 0, 3, 8, 8), box_mask(5, 0, 8, 8, 8)])  # columns 3 and 4 are in no region
+    states = torch.zeros(2, 1, 1, 77, attn.to_q.in_features)  # unused by self-attention
+    left, right = (m.flatten().bool() for m in masks)
+    gap = ~(left | right)
+
+    def run(features, isolate):
+        return processor(attn, features, regional_attention=RegionalAttention(states, masks, isolate=isolate))
+
+    mask = RegionalAttention(states, masks, isolate=True).self_attention_mask(64, hidden)
+    blocked = torch.isinf(mask)
+    assert torch.equal(blocked, left[:, None] & right[None, :] | right[:, None] & left[None, :])
+    new_right, new_gap = hidden.clone(), hidden.clone()
+    new_right[:, right] = torch.randn_like(new_right[:, right])
+    new_gap[:, gap] = torch.randn_like(new_gap[:, gap])
+    isolated = run(hidden, True)
+    assert torch.equal(run(new_right, True)[:, left], isolated[:, left])
+    assert (run(new_gap, True)[:, left] - isolated[:, left]).abs().mean() > 1e-3
+    assert (run(new_right, False)[:, left] - run(hidden, False)[:, left]).abs().mean() > 1e-3
+    torch.testing.assert_close(isolated[:, gap], run(hidden, False)[:, gap])  # the gap still sees everything
+    plain = processor(attn, hidden)
+    torch.testing.assert_close(run(hidden, False), plain)  # without isolation, self-attention ignores regions
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------------
 
 
@@ -140,6 +176,16 @@ def test_one_full_region_with_the_global_prompt_is_plain_sampling(pipe):
     regions = RegionPrompts([PROMPT], [NEGATIVE], torch.ones(1, SIZE, SIZE))
     torch.testing.assert_close(sample(pipe, regions=regions), plain, rtol=0, atol=1e-6)
     assert torch.equal(sample(pipe, regions=None), plain)
+
+
+def test_isolating_regions_changes_the_image_unless_one_region_covers_it(pipe):
+    halves = torch.stack([box_mask(0, 0, SIZE // 2, SIZE), box_mask(SIZE // 2, 0, SIZE, SIZE)])
+    regions = lambda masks, isolate: RegionPrompts(["a red cat", "a blue dog"][: len(masks)],
+                                                   [NEGATIVE] * len(masks), masks, isolate=isolate)
+    assert (sample(pipe, regions=regions(halves, True)) - sample(pipe, regions=regions(halves, False))).abs().mean() \
+        > 1e-4
+    whole = torch.ones(1, SIZE, SIZE)  # one region everywhere: nothing to keep apart
+    torch.testing.assert_close(sample(pipe, regions=regions(whole, True)), sample(pipe, regions=regions(whole, False)))
 
 
 def test_a_region_prompt_changes_its_box_far_more_than_the_rest(pipe):

@@ -70,14 +70,20 @@ class RegionalAttention:
         masks: `(R, h, w)` region masks in [0, 1] at the latent resolution.
         trainable: Gradients flow through the region prompts' keys and values (training with regional prompts);
             by default they are projected once, without gradients, and reused at every sampling step.
+        isolate: Keep the regions apart in self-attention too (`self_attention_mask`), against features of one
+            region's subject bleeding into a neighbour's. Not part of the official method, which only separates the
+            regions' cross-attention.
     """
 
-    def __init__(self, states: torch.Tensor, masks: torch.Tensor, trainable: bool = False):
+    def __init__(self, states: torch.Tensor, masks: torch.Tensor, trainable: bool = False, isolate: bool = False):
         if states.shape[0] != masks.shape[0]:
             raise ValueError(f"{states.shape[0]} region encodings but {masks.shape[0]} masks")
         self.states = states
         self.masks = masks
         self.trainable = trainable
+        self.isolate = isolate
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._isolation: dict[tuple, torch.Tensor] = {}
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -108,6 +114,34 @@ class RegionalAttention:
         weights, cover = self.weights(outputs.shape[2], outputs)  # (R, 1, N, 1), (1, N, 1)
         return outputs[0] * (1 - cover) + (weights * outputs[1:]).sum(0)
 
+    def masks_at(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """`(R, tokens)` float32 region masks at a layer whose feature map has `tokens` positions: the latent-size
+        masks area-downsampled by two until they have that many (made once per resolution)."""
+        key = (tokens, device)
+        if key not in self._masks:
+            masks = self.masks[:, None].to(device, torch.float32)
+            while masks.shape[-2] * masks.shape[-1] > tokens:  # UNet downsampling rounds odd sizes up
+                masks = F.interpolate(masks, size=(-(-masks.shape[-2] // 2), -(-masks.shape[-1] // 2)), mode="area")
+            if masks.shape[-2] * masks.shape[-1] != tokens:
+                raise ValueError(f"no downsampling of the {tuple(self.masks.shape[1:])} region masks has {tokens} "
+                                 "positions")
+            self._masks[key] = masks.flatten(1)
+        return self._masks[key]
+
+    def self_attention_mask(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """`(tokens, tokens)` additive self-attention mask that keeps the regions apart: a query inside some region
+        does not see keys inside regions it is not in (`-inf`); it sees its own regions and everything outside the
+        regions, and queries outside every region see everything (0). A position is inside a region where the
+        region's mask, at this resolution, is above one half. Made once per resolution."""
+        key = (tokens, like.device, like.dtype)
+        if key not in self._isolation:
+            member = (self.masks_at(tokens, like.device) > 0.5).float()  # (R, tokens)
+            outside = member.sum(0) == 0
+            allowed = (member.T @ member > 0) | outside[:, None] | outside[None, :]
+            mask = torch.zeros(tokens, tokens, device=like.device, dtype=like.dtype)
+            self._isolation[key] = mask.masked_fill(~allowed, float("-inf"))
+        return self._isolation[key]
+
     def weights(self, tokens: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(R, 1, tokens, 1)` per-region weights (the masks, divided by their sum where it exceeds 1) and the
         `(1, tokens, 1)` coverage (their sum, at most 1: the global prompt keeps the rest)
@@ -115,13 +149,7 @@ class RegionalAttention:
         `like`'s device and in its dtype (made once per resolution: no copy per layer call)."""
         key = (tokens, like.device, like.dtype)
         if key not in self._weights:
-            masks = self.masks[:, None].to(like.device, torch.float32)
-            while masks.shape[-2] * masks.shape[-1] > tokens:  # UNet downsampling rounds odd sizes up
-                masks = F.interpolate(masks, size=(-(-masks.shape[-2] // 2), -(-masks.shape[-1] // 2)), mode="area")
-            if masks.shape[-2] * masks.shape[-1] != tokens:
-                raise ValueError(f"no downsampling of the {tuple(self.masks.shape[1:])} region masks has {tokens} "
-                                 "positions")
-            masks = masks.flatten(1)[..., None]  # (R, tokens, 1)
+            masks = self.masks_at(tokens, like.device)[..., None]  # (R, tokens, 1)
             cover = masks.sum(0, keepdim=True)
             weights = (masks / cover.clamp_min(1.0))[:, None]  # sums to the coverage, at most 1
             self._weights[key] = (weights.to(like.dtype), cover.clamp_max(1.0).to(like.dtype))
@@ -199,6 +227,9 @@ class MixOfShowAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        if (regional_attention is not None and regional_attention.isolate and encoder_hidden_states is None
+                and attention_mask is None):
+            attention_mask = regional_attention.self_attention_mask(hidden_states.shape[1], hidden_states)
         recording = attention_recorder is not None and self.layer_index is not None
         regional = regional_attention if self.layer_index is not None else None
         # Regions ride in the global attention call: [global; region 1; ...; region R] prompts as one batch.

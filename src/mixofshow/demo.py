@@ -266,19 +266,20 @@ def noise(pipe: MixOfShowPipeline, seed: int) -> torch.Tensor:
     return torch.randn((pipe.unet.config.in_channels, size, size), generator=generator)
 
 
-def region_prompts(target: Target, size: int) -> RegionPrompts:
-    """A composition target's objects as regions: each its own prompt, box mask and the empty negative prompt."""
+def region_prompts(target: Target, size: int, isolate: bool = False) -> RegionPrompts:
+    """A composition target's objects as regions: each its own prompt, box mask and the empty negative prompt
+    (`isolate`: the regions kept apart in self-attention too)."""
     masks = torch.zeros(len(target.regions), size, size)
     for index, box in enumerate(target.regions):
         x0, y0, x1, y1 = box_pixels(box, size)
         masks[index, y0:y1, x0:x1] = 1.0
     prompts = [target.region_prompt(i) for i in range(len(target.regions))]
-    return RegionPrompts(prompts, [""] * len(prompts), masks)
+    return RegionPrompts(prompts, [""] * len(prompts), masks, isolate=isolate)
 
 
 def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: int, steps: int, guidance: float,
-                   seed: int = 0, regional: bool = False, batch_size: int = 16, progress: bool = True,
-                   desc: str = "sampling") -> list[list[Image.Image]]:
+                   seed: int = 0, regional: bool = False, isolate: bool = False, batch_size: int = 16,
+                   progress: bool = True, desc: str = "sampling") -> list[list[Image.Image]]:
     """`samples` images of each target's prompt; image k of target i starts from the noise of seed
     `seed + 1000 i + k`, whatever the model, so models are compared on the same noise.
 
@@ -290,6 +291,7 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
         guidance: Classifier-free guidance.
         seed: Offsets every noise seed.
         regional: Sample each target as a regional layout (one region per object, see `region_prompts`).
+        isolate: With `regional`, keep the regions apart in self-attention too.
         batch_size: Images per pipeline call.
         progress: Show a progress bar.
         desc: Its label.
@@ -307,7 +309,7 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
         for chunk in chunks:
             prompts = [targets[i].prompt() for i, _ in chunk]
             latents = torch.stack([noise(pipe, seed + 1000 * i + k) for i, k in chunk])
-            regions = region_prompts(targets[chunk[0][0]], size) if regional else None
+            regions = region_prompts(targets[chunk[0][0]], size, isolate) if regional else None
             out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                        latents=latents, progress=False, regions=regions).images
             for (i, _), image in zip(chunk, out):

@@ -42,7 +42,7 @@ MAX_SIZE = 16384  # largest width/height accepted, in pixels
 MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2**64)
 
 LAYOUT_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "scheduler", "regions",
-               "conditions")
+               "conditions", "isolate_regions")
 REGION_KEYS = ("prompt", "negative_prompt", "box", "mask", "adapter_weight")
 CONDITION_KEYS = ("type", "model", "image", "weight")
 
@@ -86,6 +86,8 @@ class Layout:
     scheduler: str | None = _help(f"sampler: one of {', '.join(SCHEDULER_NAMES)} (None: the model's)", default=None)
     regions: tuple[Region, ...] = _help("the regions, in order", default=())
     conditions: tuple[Condition, ...] = _help("spatial conditions", default=())
+    isolate_regions: bool = _help("keep the regions apart in self-attention too, against one subject's features "
+                                  "bleeding into a neighbour's (not in the official method)", default=False)
 
     def region_masks(self) -> torch.Tensor:
         """The regions as masks: 1 inside each region, 0 elsewhere.
@@ -129,6 +131,8 @@ class Layout:
         data["regions"] = regions
         data["conditions"] = [{"type": c.type, "model": c.model, "image": c.image, "weight": c.weight}
                               for c in self.conditions]
+        if self.isolate_regions:
+            data["isolate_regions"] = True
         return data
 
     def dumps(self, json_format: bool = False) -> str:
@@ -406,8 +410,12 @@ def _layout_from_document(data, base: Path, units: str = "auto") -> Layout:
                     for i, entry in enumerate(_entries(data, "regions")))
     conditions = tuple(_condition(entry, f"conditions[{i}]", width, height, base)
                        for i, entry in enumerate(_entries(data, "conditions")))
+    isolate = data.get("isolate_regions", False)
+    if not isinstance(isolate, bool):
+        raise MixOfShowError(f"isolate_regions must be true or false, got {_show(isolate)}")
     return Layout(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
-                  guidance=guidance, seed=seed, scheduler=scheduler, regions=regions, conditions=conditions)
+                  guidance=guidance, seed=seed, scheduler=scheduler, regions=regions, conditions=conditions,
+                  isolate_regions=isolate)
 
 
 def load_layout(source: str | Path | dict, base_dir: str | Path | None = None) -> Layout:

@@ -251,7 +251,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         device = self._execution_device
         masks = F.interpolate(regions.masks[:, None].to(device, torch.float32), size=size, mode="area")[:, 0]
-        return RegionalAttention(states.to(device, self.unet.dtype), masks)
+        return RegionalAttention(states.to(device, self.unet.dtype), masks, isolate=regions.isolate)
 
     def sample_layout(self, layout: Layout, conditions: Sequence[SpatialCondition] | None = None,
                       num_images: int = 1, output_type: str = "pil", progress: bool = True,

@@ -23,13 +23,15 @@ CONDITION_MODELS = {"T2IAdapter": T2IAdapter, "ControlNetModel": ControlNetModel
 class RegionPrompts:
     """Region prompts of one image: each region's prompt, negative prompt, mask and T2I-Adapter/ControlNet weight.
 
-    Pixels outside every mask keep the global prompt; where masks overlap the regions are averaged.
+    Pixels outside every mask keep the global prompt; where masks overlap the regions are averaged. `isolate` keeps
+    the regions apart in self-attention as well (see `RegionalAttention`).
     """
 
     prompts: list[str]
     negative_prompts: list[str]
     masks: torch.Tensor  # (R, H, W) in [0, 1] at the image resolution
     adapter_weights: list[float] = field(default_factory=list)  # one per region; empty = 1.0 each
+    isolate: bool = False
 
     def __post_init__(self):
         if not self.adapter_weights:
@@ -46,7 +48,7 @@ class RegionPrompts:
         if not layout.regions:
             return None
         return cls([r.prompt for r in layout.regions], layout.region_negative_prompts(), layout.region_masks(),
-                   [r.adapter_weight for r in layout.regions])
+                   [r.adapter_weight for r in layout.regions], isolate=layout.isolate_regions)
 
     def weight_map(self, weight: float) -> torch.Tensor:
         """`(1, 1, H, W)` spatial weight of a condition: `weight` outside the regions, times each region's adapter

@@ -510,6 +510,7 @@ function layoutJSON(extra = {}) {
   const seed = $("seed").value.trim();
   if (seed !== "") document_.seed = /^\d+$/.test(seed) ? "@SEED@" : seed;
   if ($("scheduler").value) document_.scheduler = $("scheduler").value;
+  if ($("isolate").checked) document_.isolate_regions = true;
   document_.regions = state.regions.map((r) => {
     const region = { prompt: r.prompt };
     if (r.negative.trim() !== "") region.negative_prompt = r.negative;
