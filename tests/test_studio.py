@@ -594,6 +594,12 @@ def test_page_in_headless_chromium(base, tmp_path):
         with urllib.request.urlopen(find(By.ID, "download-layout").get_attribute("href"), timeout=30) as response:
             (tmp_path / "sampled-masked.yaml").write_bytes(response.read())
         assert load_layout(tmp_path / "sampled-masked.yaml") == masked
+        assert not masked.isolate_regions
+        find(By.ID, "isolate").click()  # the regions kept apart in self-attention too
+        find(By.ID, "check").click()
+        wait.until(lambda b: "isolate_regions: true" in b.find_element(By.ID, "yaml").get_attribute("textContent"))
+        (tmp_path / "isolated.yaml").write_text(find(By.ID, "yaml").get_attribute("textContent"))
+        assert load_layout(tmp_path / "isolated.yaml").isolate_regions
 
         browser.execute_script("document.getElementById('yaml-box').open = true")
         screenshot = tmp_path / "studio.png"

@@ -10,6 +10,7 @@ A layout is a YAML/JSON file (or a dict) checked completely by `load_layout` bef
       - {prompt: "a <hermione1> <hermione2>, girl", mask: masks/hermione.png, adapter_weight: 0.8}
     conditions:
       - {type: keypose, model: TencentARC/t2iadapter_openpose_sd14v1, image: pose.png}
+    isolate_regions: true     # optional: regions kept apart in self-attention too (default false, as officially)
 
 `layout_from_official` reads the official Mix-of-Show `prompt_rewrite` string (without `eval`), and
 `draw_layout_preview` draws a layout so it can be checked before spending GPU time.
