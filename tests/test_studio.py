@@ -575,6 +575,18 @@ def test_page_in_headless_chromium(base, tmp_path):
         painted[16, 0:15] = 0
         painted[1, 20:29] = 1
         assert region_sizes()[0] == f"mask, {int(painted.sum())} px"
+        # Two strokes too many, taken back with Undo and with Ctrl+Z; nothing more to undo after the clear's undo.
+        stroke(5, 20, 28)
+        stroke(7, 20, 28)
+        assert region_sizes()[0] == f"mask, {int(painted.sum()) + 18} px"
+        find(By.ID, "undo-mask").click()
+        assert region_sizes()[0] == f"mask, {int(painted.sum()) + 9} px"
+        canvas.send_keys(Keys.CONTROL, "z")
+        assert region_sizes()[0] == f"mask, {int(painted.sum())} px"
+        find(By.ID, "clear-mask").click()
+        assert region_sizes()[0] == "mask, empty: paint it"
+        find(By.ID, "undo-mask").click()
+        assert region_sizes()[0] == f"mask, {int(painted.sum())} px"
         # Done stops painting; a click on the mask selects it again, Esc lets it go.
         find(By.ID, "done-painting").click()
         assert not find(By.ID, "mask-tools").is_displayed()

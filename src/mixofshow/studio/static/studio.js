@@ -212,6 +212,25 @@ function paintSegment(mask, a, b, radius, value) {
   }
 }
 
+const UNDO_STEPS = 30; // strokes (and clears) of a mask that Undo can take back
+
+// A copy of the region's mask, kept before a stroke or a clear changes it, for Undo.
+function rememberMask(region) {
+  const { width, height, cells } = region.mask;
+  region.undo = [...(region.undo || []), { width, height, cells: cells.slice() }].slice(-UNDO_STEPS);
+  $("undo-mask").disabled = false;
+}
+
+// The painted region's mask as it was before its last stroke or clear.
+function undoMask() {
+  const region = paintingRegion();
+  if (!region || !region.undo || !region.undo.length) return;
+  region.mask = region.undo.pop();
+  $("undo-mask").disabled = region.undo.length === 0;
+  renderRegions();
+  draw();
+}
+
 // The brush (or eraser) stroke from one pointer position to the next on the selected mask region.
 function paint(region, from, to) {
   const mask = region.mask;
@@ -277,6 +296,7 @@ function showMaskTools() {
   const painting = paintingRegion() !== null;
   $("mask-tools").classList.toggle("hidden", !painting);
   $("mask-name").textContent = painting ? `Painting region ${state.selected}:` : "";
+  $("undo-mask").disabled = !painting || !(paintingRegion().undo || []).length;
   if (!painting) state.hover = null;
 }
 
@@ -284,6 +304,7 @@ function showMaskTools() {
 function setKind(index, kind) {
   const region = state.regions[index];
   if (region.kind === kind) return;
+  region.undo = []; // strokes belong to the mask they were made on
   if (kind === "mask") {
     region.mask = maskFromBox(region);
   } else {
@@ -398,6 +419,7 @@ canvas.addEventListener("mousedown", (event) => {
   const painting = paintingRegion();
   if (painting) {
     state.drag = { mode: "paint", last: point };
+    rememberMask(painting);
     paint(painting, point, point);
     draw();
     return;
@@ -476,6 +498,9 @@ canvas.addEventListener("keydown", (event) => {
     removeRegion(state.selected);
   } else if (event.key === "Escape") {
     select(-1);
+  } else if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z" && paintingRegion()) {
+    event.preventDefault();
+    undoMask();
   }
 });
 
@@ -700,9 +725,11 @@ $("use-condition").addEventListener("change", showCondition);
 
 $("delete-region").addEventListener("click", () => { if (state.selected >= 0) removeRegion(state.selected); });
 $("done-painting").addEventListener("click", () => select(-1));
+$("undo-mask").addEventListener("click", undoMask);
 $("clear-mask").addEventListener("click", () => {
   const region = paintingRegion();
   if (!region) return;
+  rememberMask(region);
   region.mask.cells.fill(0);
   renderRegions();
   draw();
