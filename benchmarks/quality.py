@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
+    parser.add_argument("--fusion-unet-scale", type=float, default=1.0,
+                        help="every concept's UNet LoRA scale in the fusion (official `unet_alpha`)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -192,6 +194,33 @@ def print_per_seed(rows: list[dict], seeds: list[int]) -> None:
     print()
 
 
+def print_per_concept(rows: list[dict]) -> None:
+    """At the largest n of each mode: every concept's identity from its own model and from each fused model (mean
+    over the seeds), and for 2 or 3 concepts each region's object alone from its own model (the ceiling of binding,
+    per concept)."""
+    means: dict[tuple, dict[str, list[float]]] = {}
+    for row in rows:
+        for key in ("per_concept", "per_concept_alone"):
+            for name, value in row.get(key, {}).items():
+                means.setdefault((row["mode"], row["n"], row["method"], key), {}).setdefault(name, []).append(value)
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        n = max(row["n"] for row in rows if row["mode"] == mode)
+        methods = list(dict.fromkeys(row["method"] for row in rows if row["mode"] == mode and row["n"] == n))
+        print(f"Per concept ({mode}, n = {n}): identity, mean over the seeds\n")
+        print("| concept | " + " | ".join(methods) + " |")
+        print("|" + "---|" * (1 + len(methods)))
+        for name in means[(mode, n, "own models", "per_concept")]:
+            values = [means[(mode, n, method, "per_concept")][name] for method in methods]
+            print(f"| {name} | " + " | ".join(_format(sum(v) / len(v)) for v in values) + " |")
+        for n_regions in (2, 3):
+            alone = means.get((mode, n_regions, "own models", "per_concept_alone"))
+            if alone:
+                print(f"\nEach region's object alone from its own model ({n_regions} regions): " + ", ".join(
+                    f"{name} {_format(sum(v) / len(v))} (seeds: {', '.join(_format(x) for x in v)})"
+                    for name, v in alone.items()))
+        print()
+
+
 def _ratio(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
@@ -262,11 +291,14 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 start = time.perf_counter()
                 parts, images = sample_regions_alone([own_pipes[name] for name in names],
                                                      composition_target(used[:n]), args.samples, **sampling)
-                alone = summarize([s for group in score_samples(classifier, images, parts) for s in group],
-                                  ("identity", "identity_p"))
-                own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"]}
+                groups = score_samples(classifier, images, parts)
+                alone = summarize([s for group in groups for s in group], ("identity", "identity_p"))
+                own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"],
+                               "per_concept_alone": {name: summarize(group, ("identity",))["identity"]
+                                                     for name, group in zip(names, groups)}}
                 timings["sampling and scoring"] += time.perf_counter() - start
             rows.append({"seed": seed, "mode": mode, "n": n, "method": "own models", **reference,
+                         "per_concept": {name: summarize(own[name], ("identity",))["identity"] for name in names},
                          "identity_ratio": 1.0, "identity_strict_ratio": 1.0, "identity_p_ratio": 1.0,
                          "fidelity_ratio": 1.0, **own_binding, "regions_alone": own_binding["binding"],
                          "binding_isolated": float("nan"),
@@ -276,15 +308,17 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
                                     work / "fused" / f"{mode}-{n}-{method}-seed{seed}", method, args.fusion_steps,
-                                    args.guidance, progress, args.rcond)
+                                    args.guidance, progress, args.rcond, args.fusion_unet_scale)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
                 pipe = fused_pipeline(out).to(args.device)
-                scores = []
+                scores, per_concept = [], {}
                 for name in names:
                     images = sample_targets(pipe, targets[name], args.samples,
                                             desc=f"{mode}, n={n}, {method}: {name}", **sampling)
-                    scores += [s for group in score_samples(classifier, images, targets[name]) for s in group]
+                    own_scores = [s for group in score_samples(classifier, images, targets[name]) for s in group]
+                    per_concept[name] = summarize(own_scores, ("identity",))["identity"]
+                    scores += own_scores
                 summary = summarize(scores)
                 binding = {"binding": float("nan"), "binding_p": float("nan")}
                 regions_alone = isolated = float("nan")
@@ -307,6 +341,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 fidelity = sum(summary[m] for m in FIDELITY) / len(FIDELITY)
                 own_fidelity = sum(reference[m] for m in FIDELITY) / len(FIDELITY)
                 rows.append({"seed": seed, "mode": mode, "n": n, "method": method, **summary,
+                             "per_concept": per_concept,
                              "identity_ratio": _ratio(summary["identity"], reference["identity"]),
                              "identity_strict_ratio": _ratio(summary["identity_strict"],
                                                              reference["identity_strict"]),
@@ -352,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
           f"{args.tune_batch}, rank {args.tune_rank}, UNet LoRA on {args.tune_unet_lora_layers}, learning rates "
-          f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}; "
+          f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
+          f"UNet LoRA scale {args.fusion_unet_scale:g}; "
           f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
@@ -383,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
           "image keeps of it. 'binding, isolated': the binding with the regions also kept apart in self-attention.\n")
     if len(args.seeds) > 1:
         print_per_seed(rows, args.seeds)
+    print_per_concept(rows)
     for row in table:
         if row["method"] == "gradient" and row["n"] == 6:
             met = "met" if row["identity_ratio"] >= IDENTITY_GOAL else "NOT met"
