@@ -43,6 +43,7 @@ import torch
 from mixofshow.concept_file import fingerprint
 from mixofshow.demo import (
     TOY_FUSION_RCOND,
+    TOY_FUSION_UNET_SCALE,
     ToyTuning,
     concept_pipeline,
     fuse_concepts,
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
-    parser.add_argument("--fusion-unet-scale", type=float, default=1.0,
+    parser.add_argument("--fusion-unet-scale", type=float, default=TOY_FUSION_UNET_SCALE,
                         help="every concept's UNet LoRA scale in the fusion (official `unet_alpha`)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")

@@ -217,10 +217,17 @@ def tune_concept(concept: Concept, base: str | Path, components: dict, work: str
 # (benchmarks/results/2026-11-26-session6-toyworld.md).
 TOY_FUSION_RCOND = 1e-3
 
+# Every concept's UNet LoRA enters the toy fusion at 1.5 times its tuned strength (official `unet_alpha`, there 1.0):
+# where six concepts share a layer's inputs, the fused change is a compromise that draws each concept more weakly
+# than its own model. At 1.5, gradient fusion keeps 0.91 of the own models' identity at n = 6 instead of 0.79, on
+# every tuning seed, for 0.96 of their prompt fidelity; at 2.0 it overshoots (0.78)
+# (benchmarks/results/2026-12-07-session12-toyworld.md).
+TOY_FUSION_UNET_SCALE = 1.5
+
 
 def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dict, out: str | Path, method: str,
                   sampling_steps: int = 20, guidance: float = 5.0, progress: bool = True,
-                  rcond: float = TOY_FUSION_RCOND) -> Path:
+                  rcond: float = TOY_FUSION_RCOND, unet_scale: float = TOY_FUSION_UNET_SCALE) -> Path:
     """Fuse concept files into one model folder with toy-world prompts for the statistics.
 
     Args:
@@ -233,10 +240,12 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
         guidance: Guidance of that run (as the samples will be drawn).
         progress: Show progress bars.
         rcond: Relative eigenvalue cutoff of the gradient-fusion solve (`FuseConfig.rcond`).
+        unet_scale: Every concept's UNet LoRA scale in the fusion (`ConceptSpec.unet_scale`, official `unet_alpha`).
     """
     size = image_size(components)
     config = load_fuse_config(
-        None, concepts=[str(f) for f in files], base=str(base), out=str(out), method=method, overwrite=True,
+        None, concepts=[{"path": str(f), "unet_scale": unet_scale} for f in files], base=str(base), out=str(out),
+        method=method, overwrite=True,
         text_templates=("a {} in the center, white background", "{}"),
         sampling_templates=("a {} in the center, white background", "a {} on the left, beige background"),
         sampling_steps=sampling_steps, sampling_guidance=guidance, sampling_size=size, rcond=rcond)
