@@ -220,8 +220,8 @@ TOY_FUSION_RCOND = 1e-3
 # Every concept's UNet LoRA enters the toy fusion at 1.5 times its tuned strength (official `unet_alpha`, there 1.0):
 # where six concepts share a layer's inputs, the fused change is a compromise that draws each concept more weakly
 # than its own model. At 1.5, gradient fusion keeps 0.91 of the own models' identity at n = 6 instead of 0.79 (more
-# on each of three tuning seeds) for 0.96 of their prompt fidelity; scaling the fused change by 2.0 overshoots
-# (0.78). Chosen on the benchmark's own seeds (benchmarks/results/2026-12-07-session12-toyworld.md).
+# on each of three tuning seeds, and 0.79 instead of 0.63 on a held-out fourth) for 0.96 of their prompt fidelity;
+# scaling the fused change by 2.0 overshoots (0.78) (benchmarks/results/2026-12-07-session12-toyworld.md).
 TOY_FUSION_UNET_SCALE = 1.5
 
 
