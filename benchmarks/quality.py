@@ -317,9 +317,10 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 for name in names:
                     images = sample_targets(pipe, targets[name], args.samples,
                                             desc=f"{mode}, n={n}, {method}: {name}", **sampling)
-                    own_scores = [s for group in score_samples(classifier, images, targets[name]) for s in group]
-                    per_concept[name] = summarize(own_scores, ("identity",))["identity"]
-                    scores += own_scores
+                    concept_scores = [s for group in score_samples(classifier, images, targets[name])
+                                      for s in group]
+                    per_concept[name] = summarize(concept_scores, ("identity",))["identity"]
+                    scores += concept_scores
                 summary = summarize(scores)
                 binding = {"binding": float("nan"), "binding_p": float("nan")}
                 regions_alone = isolated = float("nan")

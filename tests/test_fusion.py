@@ -56,7 +56,6 @@ def test_one_concept_fusion_is_that_concepts_model(tmp_path, concepts):
                                rtol=1e-4, atol=1e-4)
 
 
-
 def test_one_concept_fused_at_a_scale_is_its_model_at_that_scale(tmp_path, concepts):
     """A concept's `unet_scale` / `text_encoder_scale` (official `unet_alpha`) enter the fusion as its strength."""
     spec = {"path": str(concepts[0]), "unet_scale": 1.5, "text_encoder_scale": 1.5}
@@ -66,6 +65,7 @@ def test_one_concept_fused_at_a_scale_is_its_model_at_that_scale(tmp_path, conce
     stronger.load_concept(concepts[0], scale=1.5)
     torch.testing.assert_close(sample(fused, WORDS[0]), sample(stronger, WORDS[0]), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(sample(fused, WORDS[0]), sample(own_model(concepts[0]), WORDS[0]), atol=1e-3)
+
 
 def test_gradient_fusion_keeps_each_concept_closer_than_weight_fusion(tmp_path, concepts):
     gradient = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts, "gradient", "gradient"))
