@@ -284,6 +284,20 @@ def test_toy_tuning_reaches_the_training_config(toy_folder, tmp_path):
     assert concept.initializers == ("red", "circle")
 
 
+def test_toy_fusion_samples_its_statistics_prompts(toy_folder, tmp_path):
+    from mixofshow.demo import TOY_FUSION_PROMPTS, TOY_STATISTICS_PROMPTS, ToyTuning, fuse_concepts, tune_concept
+
+    _, components, _ = load_toy_world(toy_folder)
+    tuning = ToyTuning(steps=1, batch_size=1, images=2)
+    concept = tune_concept(get_concept("pip"), toy_folder, components, tmp_path / "pip", tuning, progress=False)
+    for templates in (TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS], TOY_STATISTICS_PROMPTS[:3]):
+        kwargs = {} if len(templates) == TOY_FUSION_PROMPTS else {"sampling_templates": templates}
+        out = fuse_concepts([concept], toy_folder, components, tmp_path / f"fused{len(templates)}", "gradient",
+                            sampling_steps=1, progress=False, **kwargs)
+        report = json.loads((out / "fusion_report.json").read_text())
+        assert tuple(report["config"]["sampling_templates"]) == templates
+
+
 def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("mixofshow.demo.toyworld_asset_folder", lambda: tmp_path / "nothing")
     with pytest.raises(MixOfShowError, match="train_toyworld"):
