@@ -42,8 +42,10 @@ import torch
 
 from mixofshow.concept_file import fingerprint
 from mixofshow.demo import (
+    TOY_FUSION_PROMPTS,
     TOY_FUSION_RCOND,
     TOY_FUSION_UNET_SCALE,
+    TOY_STATISTICS_PROMPTS,
     ToyTuning,
     concept_pipeline,
     fuse_concepts,
@@ -94,10 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-first-word", default=ToyTuning.first_word, choices=FIRST_WORDS,
                         help="initialiser of the first concept word")
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
+    parser.add_argument("--tune-lr-text-encoder", type=float, default=ToyTuning.lr_text_encoder,
+                        help="learning rate of the text-encoder LoRA")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
     parser.add_argument("--fusion-unet-scale", type=float, default=TOY_FUSION_UNET_SCALE,
                         help="every concept's UNet LoRA scale in the fusion (official `unet_alpha`)")
+    parser.add_argument("--fusion-prompts", type=int, default=TOY_FUSION_PROMPTS,
+                        choices=range(1, len(TOY_STATISTICS_PROMPTS) + 1), metavar="N",
+                        help=f"prompts of each concept's statistics sampling run: the first N of the toy's "
+                             f"{len(TOY_STATISTICS_PROMPTS)}")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -264,7 +272,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
     for mode in args.modes:
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
-                           lr_embedding=args.tune_lr_embedding, lr_unet=args.tune_lr_unet,
+                           lr_embedding=args.tune_lr_embedding, lr_text_encoder=args.tune_lr_text_encoder,
+                           lr_unet=args.tune_lr_unet,
                            unet_lora_layers=args.tune_unet_lora_layers,
                            first_word=args.tune_first_word, seed=seed)
         files, own, own_pipes = {}, {}, {}
@@ -309,7 +318,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 start = time.perf_counter()
                 out = fuse_concepts([files[name] for name in names], base, components,
                                     work / "fused" / f"{mode}-{n}-{method}-seed{seed}", method, args.fusion_steps,
-                                    args.guidance, progress, args.rcond, args.fusion_unet_scale)
+                                    args.guidance, progress, args.rcond, args.fusion_unet_scale,
+                                    TOY_STATISTICS_PROMPTS[:args.fusion_prompts])
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
                 pipe = fused_pipeline(out).to(args.device)
@@ -389,8 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
           f"{args.tune_batch}, rank {args.tune_rank}, UNet LoRA on {args.tune_unet_lora_layers}, learning rates "
-          f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
-          f"UNet LoRA scale {args.fusion_unet_scale:g}; "
+          f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
+          f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
+          f"UNet LoRA scale {args.fusion_unet_scale:g}, {args.fusion_prompts} statistics prompt(s); "
           f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
