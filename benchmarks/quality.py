@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-lr-unet", type=float, default=ToyTuning.lr_unet, help="learning rate of the UNet LoRA")
     parser.add_argument("--tune-lr-text-encoder", type=float, default=ToyTuning.lr_text_encoder,
                         help="learning rate of the text-encoder LoRA")
+    parser.add_argument("--tune-images", type=int, default=ToyTuning.images,
+                        help="rendered training images per concept")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
     parser.add_argument("--fusion-unet-scale", type=float, default=TOY_FUSION_UNET_SCALE,
@@ -273,7 +275,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
         # 1. Each concept tuned alone (reused from --work when the same settings ran before), and its own model
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
                            lr_embedding=args.tune_lr_embedding, lr_text_encoder=args.tune_lr_text_encoder,
-                           lr_unet=args.tune_lr_unet,
+                           lr_unet=args.tune_lr_unet, images=args.tune_images,
                            unet_lora_layers=args.tune_unet_lora_layers,
                            first_word=args.tune_first_word, seed=seed)
         files, own, own_pipes = {}, {}, {}
@@ -397,8 +399,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. The table: one row per (mode, n, method), the mean over the seeds and, with several, its range
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
-          f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning {args.tune_steps} steps x batch "
-          f"{args.tune_batch}, rank {args.tune_rank}, UNet LoRA on {args.tune_unet_lora_layers}, learning rates "
+          f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning on {args.tune_images} images, "
+          f"{args.tune_steps} steps x batch {args.tune_batch}, rank {args.tune_rank}, UNet LoRA on "
+          f"{args.tune_unet_lora_layers}, learning rates "
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
           f"UNet LoRA scale {args.fusion_unet_scale:g}, {args.fusion_prompts} statistics prompt(s); "
