@@ -226,8 +226,8 @@ TOY_FUSION_UNET_SCALE = 1.5
 
 # Prompts of each concept's statistics sampling run, whose UNet inputs gradient fusion fits (the official code uses
 # one); the toy fusion uses the first `TOY_FUSION_PROMPTS`. All eight (varied position, size, background, accessory)
-# raised three-region binding over six tuning seeds (34% to 42%, no seed lower) and identity kept at n = 6 a little
-# (0.86 to 0.89), but cut identity kept at n = 3 (0.90 to 0.76), so two stay the default
+# raised three-region binding over six tuning seeds (34% to 42%, no seed lower) and identity kept at n = 6 within
+# the noise (0.86 to 0.89), but cut identity kept at n = 3 (0.90 to 0.76), so two stay the default
 # (benchmarks/results/2026-12-07-session13-toyworld.md).
 TOY_STATISTICS_PROMPTS = (
     "a {} in the center, white background",
