@@ -18,6 +18,7 @@ from mixofshow.toyworld import (
     COLOURS,
     COLUMNS,
     PATTERNS,
+    ROWS,
     SHAPES,
     SIZES,
     Scene,
@@ -34,9 +35,12 @@ from mixofshow.toyworld.concepts import (
     concept_scenes,
     get_concept,
     random_concept_scene,
+    training_images,
     write_concept_folder,
+    zoomed_out_scenes,
 )
 from mixofshow.toyworld.dataset import LABELS, crop_boxes, images_to_tensor, render_set
+from mixofshow.toyworld.render import moved_object
 from mixofshow.toyworld.train import ToyWorldTrainConfig, config_from_args
 from mixofshow.toyworld.train import main as train_main
 
@@ -179,6 +183,49 @@ def test_concept_training_images_cover_every_size():
     # Three-region layouts draw small objects: a concept never trained small lost its identity there.
     for concept in CONCEPTS:
         assert {scene.objects[0].size for scene in concept_scenes(concept, n_images=3, seed=0)} == set(SIZES)
+
+
+def test_a_moved_object_looks_like_a_render_of_its_target():
+    # Cut out, shrunk and moved, a concept is nearly the pixels the renderer draws at the target's size and place.
+    for name, source_size in (("rex", "medium"), ("moss", "large"), ("tula", "medium")):
+        concept = get_concept(name)
+        source = concept.object("left", "top", source_size, accessory="hat")
+        image, masks = render_with_masks(Scene("navy", (source,)))
+        target = concept.object("right", "bottom", "small", accessory="hat", offset=(0.02, -0.01))
+        moved, moved_mask = moved_object(image, masks[0], source, target, "white")
+        expected, expected_masks = render_with_masks(Scene("white", (target,)))
+        overlap = (moved_mask & expected_masks[0]).sum() / (moved_mask | expected_masks[0]).sum()
+        assert overlap > 0.85, (name, overlap)
+        difference = np.abs(np.asarray(moved, dtype=np.float32) - np.asarray(expected, dtype=np.float32))
+        assert difference.mean() < 3.0, (name, difference.mean())
+    with pytest.raises(ValueError, match="one square size"):
+        moved_object(image, masks[0][:10], source, target, "white")
+
+
+def test_zoomed_out_copies_are_small_moved_and_captioned():
+    concept = get_concept("nova")
+    plain = training_images(concept, n_images=8, seed=3)
+    items = training_images(concept, n_images=8, seed=3, zoomed_out=9)
+    assert len(items) == 17
+    for (image, mask, text), (same_image, same_mask, same_text) in zip(plain, items):
+        assert image.tobytes() == same_image.tobytes() and (mask == same_mask).all() and text == same_text
+    copies = zoomed_out_scenes(concept, concept_scenes(concept, 8, 3), 9, seed=3)
+    assert {(s.objects[0].column, s.objects[0].row) for _, s in copies} == {(c, r) for c in COLUMNS for r in ROWS}
+    for (source, scene), (image, mask, text) in zip(copies, items[8:]):
+        assert concept_scenes(concept, 8, 3)[source].objects[0].size != "small"
+        assert text == caption(scene, {0: "<TOK>"}) and text.startswith("a small <TOK>")
+        assert np.asarray(image)[0, 0].tolist() == list(BACKGROUNDS[scene.background])
+        assert 0.5 < mask.sum() / render_with_masks(scene)[1][0].sum() < 1.5
+    assert zoomed_out_scenes(concept, concept_scenes(concept, 8, 3), 0) == []
+    with pytest.raises(ValueError, match="must not be negative"):
+        zoomed_out_scenes(concept, concept_scenes(concept, 8, 3), -1)
+
+
+def test_concept_folder_holds_the_zoomed_out_copies(tmp_path):
+    folder = write_concept_folder(get_concept("pip"), tmp_path / "pip", n_images=6, seed=1, zoomed_out=4)
+    examples = scan_concept_folder(folder.images, folder.masks)
+    assert len(examples) == 10
+    assert sum(e.caption.startswith("a small <TOK>") for e in examples) >= 4
 
 
 def test_concept_scenes_always_hold_a_concept():

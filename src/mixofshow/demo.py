@@ -80,6 +80,8 @@ class ToyTuning:
     steps: int = field(default=400, metadata={"help": "optimizer steps per concept"})
     batch_size: int = field(default=4, metadata={"help": "images per step"})
     images: int = field(default=8, metadata={"help": "rendered training images per concept"})
+    zoomed_out: int = field(default=0, metadata={"help": "small, moved copies of the rendered images added to the "
+                                                        "training set (toyworld.concepts.training_images)"})
     lr_embedding: float = field(default=3e-3, metadata={"help": "learning rate of the concept embeddings"})
     embedding_norm_limit: float = field(default=0.55, metadata={"help": "freeze the concept embeddings once their "
                                                                          "mean norm reaches this (0 = never)"})
@@ -196,7 +198,7 @@ def tune_concept(concept: Concept, base: str | Path, components: dict, work: str
     """
     work = Path(work)
     folder = write_concept_folder(concept, work / "data" / concept.name, tuning.images, tuning.seed,
-                                  image_size(components))
+                                  image_size(components), tuning.zoomed_out)
     config = load_train_config(
         None, base=str(base), data=str(folder.images), masks=str(folder.masks),
         out=str(work / f"{concept.name}.{tuning.mode}.safetensors"), words=list(concept.words),

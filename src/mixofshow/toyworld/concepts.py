@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from .render import (
     ToyObject,
     caption,
     contrast,
+    moved_object,
     random_object,
     render_with_masks,
     scene_layout,
@@ -214,8 +215,51 @@ def concept_scenes(concept: Concept, n_images: int = 8, seed: int = 0) -> list[S
     return scenes
 
 
+def zoomed_out_scenes(concept: Concept, scenes: list[Scene], n: int, seed: int = 0) -> list[tuple[int, Scene]]:
+    """Where `n` zoomed-out copies of a concept's training images go: per copy, the index of the medium or large
+    training scene it is cut from, and the scene it becomes (the same object, small, at a place from a seeded cycle
+    through the nine, on a background the concept's colour stands out from). Empty if no scene is medium or large.
+
+    Why: a concept tuned on two small images is drawn small almost only where those showed it, so three-region
+    layouts, which draw it small, miss it (benchmarks/results/2026-12-07-session13-toyworld.md). Small copies of the
+    same images at every place teach the small concept without new renders.
+    """
+    sources = [i for i, scene in enumerate(scenes) if scene.objects[0].size != "small"]
+    if n < 0:
+        raise ValueError(f"zoomed-out copies {n!r} must not be negative.")
+    if not sources or not n:
+        return []
+    rng = np.random.default_rng([seed, sum(map(ord, concept.name)), 1])
+    positions = [(c, r) for r in ROWS for c in COLUMNS]
+    order = rng.permutation(len(positions))
+    backgrounds = _backgrounds_for(concept.colour)
+    copies = []
+    for k in range(n):
+        source = sources[k % len(sources)]
+        column, row = positions[order[k % len(positions)]]
+        obj = replace(scenes[source].objects[0], column=column, row=row, size="small",
+                      offset=(float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03))))
+        copies.append((source, Scene(str(rng.choice(backgrounds)), (obj,))))
+    return copies
+
+
+def training_images(concept: Concept, n_images: int = 8, seed: int = 0, size: int = 64, zoomed_out: int = 0
+                    ) -> list[tuple[Image.Image, np.ndarray, str]]:
+    """A concept's training set: `n_images` rendered scenes (`concept_scenes`), then `zoomed_out` copies of them
+    made small and moved (`zoomed_out_scenes`, `render.moved_object`); per image its RGB image, bool mask and
+    caption with `PLACEHOLDER` for the concept."""
+    scenes = concept_scenes(concept, n_images, seed)
+    rendered = [render_with_masks(scene, size) for scene in scenes]
+    items = [(image, masks[0], caption(scene, {0: PLACEHOLDER})) for scene, (image, masks) in zip(scenes, rendered)]
+    for source, scene in zoomed_out_scenes(concept, scenes, zoomed_out, seed):
+        image, mask = moved_object(rendered[source][0], rendered[source][1][0], scenes[source].objects[0],
+                                   scene.objects[0], scene.background)
+        items.append((image, mask, caption(scene, {0: PLACEHOLDER})))
+    return items
+
+
 def write_concept_folder(concept: Concept, folder: str | os.PathLike, n_images: int = 8, seed: int = 0,
-                         size: int = 64) -> ConceptFolder:
+                         size: int = 64, zoomed_out: int = 0) -> ConceptFolder:
     """Write a concept folder in the format `mixofshow.data.scan_concept_folder` reads.
 
     Layout: `folder/images/NN.png` with `NN.txt` captions containing `<TOK>` (e.g. "a <TOK> with a hat on the
@@ -226,26 +270,25 @@ def write_concept_folder(concept: Concept, folder: str | os.PathLike, n_images: 
     Args:
         concept: The concept.
         folder: The output folder.
-        n_images: How many images, 1 to 100 (6-10 is typical for ED-LoRA).
+        n_images: How many rendered images, 1 to 100 (6-10 is typical for ED-LoRA).
         seed: Seeds the variations; the same seed gives the same files.
         size: Image side in pixels.
+        zoomed_out: How many small, moved copies of the rendered images to add (`training_images`).
 
     Returns:
         A `ConceptFolder` with the paths.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scenes = concept_scenes(concept, n_images, seed)
+    items = training_images(concept, n_images, seed, size, zoomed_out)
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (temporary / "images").mkdir()
         (temporary / "masks").mkdir()
-        for i, scene in enumerate(scenes):
-            image, masks = render_with_masks(scene, size)
+        for i, (image, mask, text) in enumerate(items):
             image.save(temporary / "images" / f"{i:02d}.png")
-            (temporary / "images" / f"{i:02d}.txt").write_text(caption(scene, {0: PLACEHOLDER}) + "\n",
-                                                                encoding="utf-8")
-            Image.fromarray(masks[0].astype(np.uint8) * 255).save(temporary / "masks" / f"{i:02d}.png")
+            (temporary / "images" / f"{i:02d}.txt").write_text(text + "\n", encoding="utf-8")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(temporary / "masks" / f"{i:02d}.png")
         info = {**asdict(concept), "words": list(concept.words), "initializers": list(concept.initializers)}
         (temporary / "concept.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if folder.exists():

@@ -395,6 +395,40 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return render_with_masks(scene, size)[0]
 
 
+def moved_object(image: Image.Image, mask: np.ndarray, source: ToyObject, target: ToyObject, background: str
+                 ) -> tuple[Image.Image, np.ndarray]:
+    """An object cut out of a rendered image by its mask, rescaled and moved to `target`'s size and place, on a
+    plain background: the zoom-out augmentation of concept training images (no new rendering).
+
+    Args:
+        image: The square RGB image `source` was rendered in (alone, fully visible).
+        mask: Its (side, side) bool mask, as `render_with_masks` returns it.
+        source: The object as rendered.
+        target: Where and how large it goes (its column, row, size and offset are used).
+        background: One of `BACKGROUNDS`.
+
+    Returns:
+        The new image and the moved object's bool mask.
+    """
+    side = image.width
+    if image.size != (side, side) or mask.shape != (side, side):
+        raise ValueError(f"image {image.size} and mask {mask.shape} must be one square size.")
+    sx, sy, source_r = _centre(source, side)
+    tx, ty, target_r = _centre(target, side)
+    scale = target_r / source_r
+    cutout = image.convert("RGBA")
+    cutout.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
+    scaled_side = max(round(side * scale), 1)
+    # Premultiplied alpha, so the cut edge does not pull in the old background's colour when it is resampled
+    scaled = cutout.convert("RGBa").resize((scaled_side, scaled_side), Image.Resampling.BOX).convert("RGBA")
+    corner = (round(tx - sx * scale), round(ty - sy * scale))
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    layer.paste(scaled, corner)
+    moved = Image.new("RGB", (side, side), BACKGROUNDS[background])
+    moved.paste(layer, mask=layer.getchannel("A"))
+    return moved, np.asarray(layer.getchannel("A")) >= 128
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Captions.
 
