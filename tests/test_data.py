@@ -315,6 +315,29 @@ def test_batch_stacks(tmp_path):
     assert torch.equal(out["pixel_values"], again["pixel_values"])
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_zoom_out_shrinks_the_crop_onto_a_canvas_outside_the_mask(tmp_path, with_mask):
+    examples = _half_red_with_mask(tmp_path, size=(32, 32))
+    if not with_mask:
+        examples = [ConceptExample(e.image_path, e.caption, None) for e in examples]
+    ds = ConceptDataset(examples, resolution=32, concept_text="c", flip_p=0.0, zoom_out_p=1.0, zoom_out_min=0.5)
+    sides = set()
+    for seed in range(12):
+        s = ds.sample(0, _gen(seed))
+        image = s["pixel_values"] > -1  # (3, R, R): the shrunk crop is wherever a channel is not -1
+        ys, xs = np.nonzero(image.any(dim=0).numpy())
+        side = ys.max() - ys.min() + 1
+        assert side == xs.max() - xs.min() + 1 and 16 <= side <= 32  # a square of at least zoom_out_min
+        sides.add(int(side))
+        red = s["pixel_values"][0] > 0
+        assert not s["mask"][0][~image.any(dim=0)].any()  # the canvas is never in the loss
+        if with_mask:
+            assert (red == s["mask"][0].bool()).float().mean() > 0.95  # the subject mask shrank with the image
+        else:
+            assert s["mask"][0].bool().equal(image.any(dim=0))  # without a mask file: the loss covers the image
+    assert len(sides) > 3 and min(sides) < 28
+
+
 def test_dataset_argument_errors(tmp_path):
     _save_image(tmp_path / "a.png")
     examples = scan_concept_folder(tmp_path)
@@ -322,6 +345,10 @@ def test_dataset_argument_errors(tmp_path):
         ConceptDataset(examples, resolution=0, concept_text="<c>")
     with pytest.raises(MixOfShowError, match="flip_p"):
         ConceptDataset(examples, resolution=16, concept_text="<c>", flip_p=1.5)
+    with pytest.raises(MixOfShowError, match="zoom_out_p"):
+        ConceptDataset(examples, resolution=16, concept_text="<c>", zoom_out_p=-0.1)
+    with pytest.raises(MixOfShowError, match="zoom_out_min"):
+        ConceptDataset(examples, resolution=16, concept_text="<c>", zoom_out_min=1.5)
     with pytest.raises(MixOfShowError, match="template"):
         ConceptDataset(examples, resolution=16, concept_text="<c>", caption_templates=("no slot",))
     with pytest.raises(MixOfShowError, match="no examples"):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mixofshow import MixOfShowError, MixOfShowPipeline, load_concept
+from mixofshow import train as training
 from mixofshow.config import load_train_config
 from mixofshow.lora import lora_layers
 from mixofshow.testing import tiny_components
@@ -48,6 +49,22 @@ def test_short_run_lowers_the_masked_loss(tmp_path):
     for _ in range(cfg.steps):
         trainer.train_step()
     assert trainer.evaluation_loss() < 0.9 * before
+
+
+@pytest.mark.parametrize("masks", [True, False])
+def test_zoomed_out_crops_train_on_the_image_not_the_canvas(tmp_path, monkeypatch, masks):
+    # A zoomed-out crop's black canvas is outside the loss, with or without mask files
+    cfg = config(tmp_path, zoom_out_p=1.0, zoom_out_min=0.5, **({} if masks else {"masks": None}))
+    trainer = EDLoRATrainer(cfg, components=tiny_components())
+    batch = trainer.dataset.batch([0, 1, 2], torch.Generator().manual_seed(0))
+    canvas = (batch["pixel_values"] == -1).all(dim=1, keepdim=True)
+    assert canvas.any() and not batch["mask"][canvas].any()
+    if not masks:
+        assert batch["mask"].bool().equal(~canvas)
+    loss_masks, loss = [], training.masked_diffusion_loss
+    monkeypatch.setattr(training, "masked_diffusion_loss", lambda *args: loss_masks.append(args[2]) or loss(*args))
+    trainer.train_step()
+    assert (loss_masks[0] == 0).any()  # without mask files too: the canvas is left out
 
 
 def test_only_concept_rows_and_lora_change(tmp_path):
@@ -190,6 +207,8 @@ def test_attention_regularisation_reaches_the_lora_weights(tmp_path):
         ({"steps": 0}, "steps"),
         ({"unet_lora_layers": "everything"}, "unet_lora_layers"),
         ({"out": "concept.pth"}, ".safetensors"),
+        ({"zoom_out_p": 1.5}, "zoom_out_p"),
+        ({"zoom_out_min": 0.0}, "zoom_out_min"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, fields, message):

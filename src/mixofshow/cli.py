@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true", default=None)
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--validation-steps", type=int, help="sampling steps of the validation grid (0 = none)")
+    train.add_argument("--zoom-out-p", type=float, help="share of crops shrunk onto a random place (learns the "
+                                                        "concept small too; see zoom_out_min)")
     train.add_argument("--seed", type=int)
     train.add_argument("--out", help="concept file to write (.safetensors)")
     train.add_argument("--resume", help="a checkpoint file, or 'latest'")
@@ -166,7 +168,7 @@ def run_train(args) -> None:
         "batch_size": args.batch_size, "resolution": args.resolution, "rank": args.rank,
         "mixed_precision": args.mixed_precision, "gradient_accumulation": args.gradient_accumulation,
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
-        "validation_steps": args.validation_steps, "seed": args.seed, "out": args.out,
+        "validation_steps": args.validation_steps, "zoom_out_p": args.zoom_out_p, "seed": args.seed, "out": args.out,
         "words": list(split_words(args.words)) if args.words else None,
         "init": list(split_words(args.init)) if args.init else None,
     }

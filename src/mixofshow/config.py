@@ -61,6 +61,10 @@ class TrainConfig:
     caption_templates: tuple[str, ...] = _help("templates with {} for the concept, used for half the steps",
                                                default=())
     flip_p: float = _help("horizontal flip probability", default=0.5)
+    zoom_out_p: float = _help("probability that a training crop is shrunk and put at a random place on a black "
+                              "canvas whose border the loss ignores (the official ResizeFillMaskNew): the concept is "
+                              "also learned small, as multi-concept layouts draw it", default=0.0)
+    zoom_out_min: float = _help("smallest side of a zoomed-out crop, as a share of the resolution", default=0.5)
     mixed_precision: str = _help("'no', 'fp16' or 'bf16'", default="no")
     gradient_checkpointing: bool = _help("trade compute for memory", default=False)
     compile: bool = _help("torch.compile the UNet: faster steps on a GPU after a one-off compile", default=False)
@@ -181,6 +185,10 @@ def validate_train_config(config: TrainConfig) -> None:
             raise MixOfShowError(f"field '{name}' must not be negative, got {getattr(config, name)}")
     if not 0 <= config.flip_p <= 1:
         raise MixOfShowError(f"field 'flip_p' must be within [0, 1], got {config.flip_p}")
+    if not 0 <= config.zoom_out_p <= 1:
+        raise MixOfShowError(f"field 'zoom_out_p' must be within [0, 1], got {config.zoom_out_p}")
+    if not 0 < config.zoom_out_min <= 1:
+        raise MixOfShowError(f"field 'zoom_out_min' must be within (0, 1], got {config.zoom_out_min}")
     if not str(config.out).endswith(".safetensors"):
         raise MixOfShowError(f"field 'out' must name a .safetensors file, got {config.out!r}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mixofshow.errors import MixOfShowError
@@ -179,6 +180,10 @@ class ConceptDataset:
         resolution: Side of the square training crops, in pixels.
         concept_text: What replaces `CONCEPT_PLACEHOLDER` in captions, e.g. "<hina1> <hina2>".
         flip_p: Probability of a horizontal flip.
+        zoom_out_p: Probability that a crop is shrunk to a random side in [`zoom_out_min`, 1] x `resolution` and
+            put at a random place on a black canvas; the mask is 0 outside it, so the (masked) loss ignores the
+            canvas. The caption is kept. The official ResizeFillMaskNew.
+        zoom_out_min: Smallest side of a zoomed-out crop, as a share of `resolution`.
         shuffle_caption: Shuffle the comma-separated caption parts after the first `keep_tokens`.
         keep_tokens: How many leading caption parts stay in place when shuffling.
         caption_templates: If non-empty, each sample uses, with probability 0.5, a random template instead of its
@@ -192,6 +197,8 @@ class ConceptDataset:
         concept_text: str,
         *,
         flip_p: float = 0.5,
+        zoom_out_p: float = 0.0,
+        zoom_out_min: float = 0.5,
         shuffle_caption: bool = False,
         keep_tokens: int = 1,
         caption_templates: tuple[str, ...] = (),
@@ -204,6 +211,10 @@ class ConceptDataset:
             raise MixOfShowError(f"concept_text must be a non-empty string, got {concept_text!r}.")
         if not 0.0 <= flip_p <= 1.0:
             raise MixOfShowError(f"flip_p must be in [0, 1], got {flip_p!r}.")
+        if not 0.0 <= zoom_out_p <= 1.0:
+            raise MixOfShowError(f"zoom_out_p must be in [0, 1], got {zoom_out_p!r}.")
+        if not 0.0 < zoom_out_min <= 1.0:
+            raise MixOfShowError(f"zoom_out_min must be in (0, 1], got {zoom_out_min!r}.")
         if keep_tokens < 0:
             raise MixOfShowError(f"keep_tokens must be >= 0, got {keep_tokens!r}.")
         for template in caption_templates:
@@ -214,6 +225,8 @@ class ConceptDataset:
         self.resolution = resolution
         self.concept_text = concept_text
         self.flip_p = float(flip_p)
+        self.zoom_out_p = float(zoom_out_p)
+        self.zoom_out_min = float(zoom_out_min)
         self.shuffle_caption = shuffle_caption
         self.keep_tokens = keep_tokens
         self.caption_templates = tuple(caption_templates)
@@ -257,7 +270,7 @@ class ConceptDataset:
         return caption.replace(CONCEPT_PLACEHOLDER, self.concept_text)
 
     def sample(self, index: int, generator: torch.Generator) -> dict:
-        """One training sample: a random square crop, maybe flipped, and its caption.
+        """One training sample: a random square crop, maybe flipped, maybe zoomed out, and its caption.
 
         Args:
             index: Which example, 0 <= index < len(self).
@@ -265,7 +278,7 @@ class ConceptDataset:
 
         Returns:
             A dict with "pixel_values" (float32, (3, R, R), in [-1, 1]), "mask" (float32, (1, R, R), 0 or 1, 1 =
-            subject) and "caption" (str).
+            subject; without a mask file, 1 = the image, 0 = a zoomed-out crop's canvas) and "caption" (str).
         """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} examples.")
@@ -279,11 +292,24 @@ class ConceptDataset:
         mask = mask[:, top : top + r, left : left + r]
         if flip:
             image, mask = image.flip(-1), mask.flip(-1)
-        return {
-            "pixel_values": image.to(torch.float32) / 127.5 - 1.0,
-            "mask": mask.to(torch.float32),
-            "caption": self._caption(index, generator),
-        }
+        pixels, mask = image.to(torch.float32) / 127.5 - 1.0, mask.to(torch.float32)
+        # Drawn only when zooming out is on, so that the samples without it stay the same
+        if self.zoom_out_p and torch.rand(1, generator=generator).item() < self.zoom_out_p:
+            pixels, mask = self._zoomed_out(pixels, mask, generator)
+        return {"pixel_values": pixels, "mask": mask, "caption": self._caption(index, generator)}
+
+    def _zoomed_out(self, pixels: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A crop shrunk to a random side and put at a random place on a black canvas (its mask 0 on the canvas)."""
+        r = self.resolution
+        share = self.zoom_out_min + (1.0 - self.zoom_out_min) * torch.rand(1, generator=generator).item()
+        side = max(1, round(r * share))
+        top = int(torch.randint(r - side + 1, (1,), generator=generator).item())
+        left = int(torch.randint(r - side + 1, (1,), generator=generator).item())
+        canvas, placed = torch.full_like(pixels, -1.0), torch.zeros_like(mask)
+        canvas[:, top:top + side, left:left + side] = F.interpolate(pixels[None], size=(side, side), mode="area")[0]
+        placed[:, top:top + side, left:left + side] = F.interpolate(mask[None], size=(side, side), mode="nearest")[0]
+        return canvas, placed
 
     def batch(self, indices: list[int], generator: torch.Generator) -> dict:
         """Samples for `indices`, drawn in order from `generator`, stacked into a batch.

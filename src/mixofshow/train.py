@@ -214,6 +214,7 @@ class EDLoRATrainer:
             self.vocabulary.add(tokenizer, text_encoder, word, row[None].expand(self.rows_per_word, -1))
         first_id = self.vocabulary.tokens[config.words[0]].layer_ids[0]
         self.dataset = ConceptDataset(examples, config.resolution, " ".join(config.words), flip_p=config.flip_p,
+                                      zoom_out_p=config.zoom_out_p, zoom_out_min=config.zoom_out_min,
                                       shuffle_caption=config.shuffle_caption,
                                       caption_templates=config.caption_templates)
 
@@ -302,7 +303,7 @@ class EDLoRATrainer:
         prediction = self.unet(noisy.to(dtype), timesteps, states[0], cross_attention_kwargs=kwargs or None).sample
         # Gradient checkpointing re-runs layers (and re-records) in backward; the forward's maps come first.
         maps = recorder.maps[: self.num_cross_layers] if recorder else []
-        loss = masked_diffusion_loss(prediction, target, mask if config.masks else torch.ones_like(mask))
+        loss = masked_diffusion_loss(prediction, target, mask)  # without mask files: 1 but on a zoomed-out canvas
         logs = {"loss": loss.item()}
         if maps:
             reg = attention_regularization(maps, mask, tuple(latents.shape[-2:]), self.class_like,
