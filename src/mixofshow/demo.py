@@ -75,9 +75,9 @@ class ToyTuning:
     The first concept word starts random, as in the official recipe: starting it from the concept's colour word made
     the own models draw the right colour more often (66% against 51%, three seeds, n = 3) but fusion kept no more
     (0.72 of identity at n = 6 against 0.79). Eight zoomed-out copies (the concept small at every place, cut from the
-    rendered images) and 600 steps instead of 400: over three tuning seeds, three-region binding after gradient fusion
-    rose from 36% to 65% (every seed higher; its ceiling, each region's object alone from its own model, from 44% to
-    80%), while identity kept at n = 6 stayed within the noise (0.90 against 0.91). Measurements:
+    rendered images) and 600 steps instead of 400: over six tuning seeds, three-region binding after gradient fusion
+    rose from 34% to 57% (every seed higher; on seeds 0-2 its ceiling, each region's object alone from its own model,
+    from 44% to 80%), while identity kept at n = 6 moved within the noise (0.84 against 0.86). Measurements:
     benchmarks/results/ (sessions 6-10 and 14)."""
 
     mode: str = field(default="edlora", metadata={"help": "edlora, or lora (one embedding per word, the baseline)"})
