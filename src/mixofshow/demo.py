@@ -228,7 +228,7 @@ TOY_FUSION_RCOND = 1e-3
 # than its own model. At 1.5, gradient fusion keeps 0.91 of the own models' identity at n = 6 instead of 0.79 (more
 # on each of three tuning seeds, and 0.79 instead of 0.63 on a held-out fourth) for 0.96 of their prompt fidelity;
 # scaling the fused change by 2.0 overshoots (0.78) (benchmarks/results/2026-12-07-session12-toyworld.md). Over six
-# tuning seeds it keeps 0.86 (session 13's results).
+# tuning seeds it keeps 0.86 with session 13's tuning, 0.84 with the zoomed-out copies (session 14's results).
 TOY_FUSION_UNET_SCALE = 1.5
 
 # Prompts of each concept's statistics sampling run, whose UNet inputs gradient fusion fits (the official code uses
