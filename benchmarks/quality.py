@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rendered training images per concept")
     parser.add_argument("--tune-zoomed-out", type=int, default=ToyTuning.zoomed_out,
                         help="small, moved copies of the rendered images added to each training set")
+    parser.add_argument("--tune-embedding-only-steps", type=int, default=ToyTuning.embedding_only_steps,
+                        help="first tuning steps in which only the concept embeddings learn (pivotal tuning)")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
     parser.add_argument("--fusion-unet-scale", type=float, default=TOY_FUSION_UNET_SCALE,
@@ -150,9 +152,11 @@ def tuning_folder_name(tuning: ToyTuning, concept: Concept, components: dict) ->
     """The --work subfolder for `concept` tuned with `tuning` on the base model `components`: readable settings plus
     a digest of every tuning field, of the base model's weight fingerprint and of the rendered training images, so
     that a file tuned on another base model, other data or other settings is never reused."""
-    # Without zoomed-out copies, the digest of the settings is the one from before that field existed, so that files
-    # tuned then are found
-    settings = repr(tuning) if tuning.zoomed_out else repr(tuning).replace(", zoomed_out=0", "")
+    # A field added later, at the value it stands for when absent, leaves the digest as before, so that files tuned
+    # before it existed are found
+    settings = repr(tuning)
+    for later in ("zoomed_out=0", "embedding_only_steps=0"):  # fields added later, at the value they replaced
+        settings = settings.replace(f", {later}", "")
     digest = hashlib.sha1(settings.encode())
     digest.update(repr(fingerprint(components["tokenizer"], components["text_encoder"], components["unet"])).encode())
     for image, _, _ in training_images(concept, tuning.images, tuning.seed, image_size(components),
@@ -287,7 +291,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
         tuning = ToyTuning(mode=mode, steps=args.tune_steps, batch_size=args.tune_batch, rank=args.tune_rank,
                            lr_embedding=args.tune_lr_embedding, lr_text_encoder=args.tune_lr_text_encoder,
                            lr_unet=args.tune_lr_unet, images=args.tune_images,
-                           zoomed_out=args.tune_zoomed_out,
+                           zoomed_out=args.tune_zoomed_out, embedding_only_steps=args.tune_embedding_only_steps,
                            unet_lora_layers=args.tune_unet_lora_layers,
                            first_word=args.tune_first_word, seed=seed)
         files, own, own_pipes = {}, {}, {}
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning on {args.tune_images} images "
           f"(+{args.tune_zoomed_out} zoomed out), "
-          f"{args.tune_steps} steps x batch {args.tune_batch}, rank {args.tune_rank}, UNet LoRA on "
+          f"{args.tune_steps} steps x batch {args.tune_batch} ({args.tune_embedding_only_steps} of them embeddings "
+          f"only), rank {args.tune_rank}, UNet LoRA on "
           f"{args.tune_unet_lora_layers}, learning rates "
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "

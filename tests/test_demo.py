@@ -276,10 +276,11 @@ def test_toy_tuning_reaches_the_training_config(toy_folder, tmp_path):
 
     _, components, _ = load_toy_world(toy_folder)
     # values unlike both ToyTuning's and the training config's defaults, so a dropped field shows
-    tuning = ToyTuning(steps=1, batch_size=1, images=2, zoomed_out=3, lr_embedding=7e-3, lr_unet=9e-4,
-                       embedding_norm_limit=0.31, rank=2, first_word="colour")
+    tuning = ToyTuning(steps=2, batch_size=1, images=2, zoomed_out=3, lr_embedding=7e-3, lr_unet=9e-4,
+                       embedding_norm_limit=0.31, embedding_only_steps=1, rank=2, first_word="colour")
     concept = load_concept(tune_concept(get_concept("pip"), toy_folder, components, tmp_path, tuning, progress=False))
-    for name in ("steps", "batch_size", "lr_embedding", "lr_text_encoder", "lr_unet", "embedding_norm_limit", "rank"):
+    for name in ("steps", "batch_size", "lr_embedding", "lr_text_encoder", "lr_unet", "embedding_norm_limit",
+                 "embedding_only_steps", "rank"):
         assert concept.config[name] == getattr(tuning, name), name
     assert concept.initializers == ("red", "circle")
     assert len(list((tmp_path / "data" / "pip" / "images").glob("*.png"))) == 2 + 3  # rendered + zoomed out

@@ -173,6 +173,18 @@ def test_embedding_freeze_at_the_norm_limit(tmp_path):
     assert any(not torch.equal(up, torch.zeros_like(up)) for _, up in trainer.concept().unet_lora.values())
 
 
+def test_embedding_only_steps_hold_the_loras_then_release_them(tmp_path):
+    trainer = EDLoRATrainer(config(tmp_path, embedding_only_steps=2, weight_decay=0.1), components=tiny_components())
+    loras = [p.detach().clone() for p in trainer.trainable[1:]]
+    rows = trainer.embedding.rows.detach().clone()
+    trainer.train_step()
+    trainer.train_step()
+    assert not torch.equal(trainer.embedding.rows, rows)
+    assert all(torch.equal(p, before) for p, before in zip(trainer.trainable[1:], loras))  # no step, no decay
+    trainer.train_step()
+    assert any(not torch.equal(p, before) for p, before in zip(trainer.trainable[1:], loras))
+
+
 def test_gradient_checkpointing_with_attention_regularisation_matches(tmp_path):
     results = []
     for checkpointing in (False, True):
@@ -209,6 +221,7 @@ def test_attention_regularisation_reaches_the_lora_weights(tmp_path):
         ({"out": "concept.pth"}, ".safetensors"),
         ({"zoom_out_p": 1.5}, "zoom_out_p"),
         ({"zoom_out_min": 0.0}, "zoom_out_min"),
+        ({"embedding_only_steps": 4}, "embedding_only_steps"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, fields, message):

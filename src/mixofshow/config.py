@@ -56,6 +56,9 @@ class TrainConfig:
                                          "out of the background", default=False)
     embedding_norm_limit: float = _help("freeze the embeddings once their mean norm reaches this (0 = never)",
                                         default=0.55)
+    embedding_only_steps: int = _help("first steps in which only the concept embeddings learn, the LoRAs waiting "
+                                      "(pivotal tuning): the embeddings take what they can of the concept before "
+                                      "the LoRAs share it (0 = all learn from the start, as officially)", default=0)
     require_placeholder: bool = _help("every caption must contain <TOK>", default=True)
     shuffle_caption: bool = _help("shuffle comma-separated caption parts after the first", default=True)
     caption_templates: tuple[str, ...] = _help("templates with {} for the concept, used for half the steps",
@@ -180,9 +183,13 @@ def validate_train_config(config: TrainConfig) -> None:
         if getattr(config, name) < 1:
             raise MixOfShowError(f"field '{name}' must be at least 1, got {getattr(config, name)}")
     for name in ("lr_embedding", "lr_text_encoder", "lr_unet", "weight_decay", "noise_offset", "attn_reg_weight",
-                 "embedding_norm_limit", "checkpoint_every", "warmup_steps", "validation_steps"):
+                 "embedding_norm_limit", "embedding_only_steps", "checkpoint_every", "warmup_steps",
+                 "validation_steps"):
         if getattr(config, name) < 0:
             raise MixOfShowError(f"field '{name}' must not be negative, got {getattr(config, name)}")
+    if config.embedding_only_steps >= config.steps:
+        raise MixOfShowError(f"field 'embedding_only_steps' ({config.embedding_only_steps}) must be below 'steps' "
+                             f"({config.steps}), or the LoRAs never learn")
     if not 0 <= config.flip_p <= 1:
         raise MixOfShowError(f"field 'flip_p' must be within [0, 1], got {config.flip_p}")
     if not 0 <= config.zoom_out_p <= 1:

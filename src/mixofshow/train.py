@@ -331,6 +331,9 @@ class EDLoRATrainer:
             with self.accelerator.accumulate(self.unet, self.text_encoder):
                 loss, logs = self.loss(*self.batch(self.step, micro))
                 self.accelerator.backward(loss)
+                if self.step < self.config.embedding_only_steps:
+                    for param in self.trainable[1:]:  # the LoRAs wait: AdamW skips (no decay, no moments) grad None
+                        param.grad = None
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
