@@ -238,7 +238,7 @@ TOY_FUSION_UNET_SCALE = 1.5
 # one); the toy fusion uses the first `TOY_FUSION_PROMPTS`. With the zoomed-out copies the concepts are tuned small
 # too, and the first four (two of them small, none a slot of the three-region layout) instead of the first two raised
 # identity kept at n = 6 over six tuning seeds from 0.836 to 0.945 (pooled 0.852 to 0.910; both halves of the seeds
-# higher), at n = 3 from 0.911 to 0.933, three-region binding from 57.3% to 58.7%
+# higher, most of the mean's gain on one seed), at n = 3 from 0.911 to 0.933, three-region binding from 57.3% to 58.7%
 # (benchmarks/results/2026-12-07-session15-toyworld.md). All eight, with session 13's tuning, raised binding (34% to
 # 42%) but cut identity kept at n = 3 (0.90 to 0.76) (session 13).
 TOY_STATISTICS_PROMPTS = (
