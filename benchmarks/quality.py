@@ -155,7 +155,7 @@ def tuning_folder_name(tuning: ToyTuning, concept: Concept, components: dict) ->
     # A field added later, at the value it stands for when absent, leaves the digest as before, so that files tuned
     # before it existed are found
     settings = repr(tuning)
-    for later in ("zoomed_out=0", "embedding_only_steps=0"):  # fields added later, at the value they replaced
+    for later in ("zoomed_out=0", "embedding_only_steps=0"):
         settings = settings.replace(f", {later}", "")
     digest = hashlib.sha1(settings.encode())
     digest.update(repr(fingerprint(components["tokenizer"], components["text_encoder"], components["unet"])).encode())
