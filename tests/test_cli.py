@@ -77,6 +77,9 @@ def test_sample_a_layout_with_its_preview(base, tmp_path, capsys):
         (["sample", "--base", "someone/not-a-model", "--prompt", "x"], "Hugging Face Hub"),
         (["inspect", "missing.safetensors"], "does not exist"),
         (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors"], "does not exist"),
+        (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors", "--steps", "5",
+          "--embedding-only-steps", "5"],
+         "'embedding_only_steps' (5) must be below 'steps' (5)"),
     ],
 )
 def test_errors_are_one_clear_line(base, args, message, capsys, monkeypatch):

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="initialisers, e.g. '<rand-0.013>+girl'")
     train.add_argument("--mode", choices=["edlora", "lora"])
     train.add_argument("--steps", type=int)
+    train.add_argument("--embedding-only-steps", type=int, help="first steps in which only the concept embeddings "
+                                                                "learn (pivotal tuning; default 0)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--resolution", type=int)
     train.add_argument("--rank", type=int)
@@ -165,6 +167,7 @@ def run_train(args) -> None:
 
     overrides = {
         "base": args.base, "data": args.data, "masks": args.masks, "mode": args.mode, "steps": args.steps,
+        "embedding_only_steps": args.embedding_only_steps,
         "batch_size": args.batch_size, "resolution": args.resolution, "rank": args.rank,
         "mixed_precision": args.mixed_precision, "gradient_accumulation": args.gradient_accumulation,
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
