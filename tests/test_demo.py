@@ -290,7 +290,7 @@ def test_toy_fusion_samples_its_statistics_prompts(toy_folder, tmp_path):
     from mixofshow.demo import TOY_FUSION_PROMPTS, TOY_STATISTICS_PROMPTS, ToyTuning, fuse_concepts, tune_concept
 
     _, components, _ = load_toy_world(toy_folder)
-    tuning = ToyTuning(steps=1, batch_size=1, images=2)
+    tuning = ToyTuning(steps=1, batch_size=1, images=2, embedding_only_steps=0)
     concept = tune_concept(get_concept("pip"), toy_folder, components, tmp_path / "pip", tuning, progress=False)
     for templates in (TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS], TOY_STATISTICS_PROMPTS[:3]):
         kwargs = {} if len(templates) == TOY_FUSION_PROMPTS else {"sampling_templates": templates}
@@ -308,11 +308,13 @@ def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert "no toy-world model" in capsys.readouterr().err
 
 
-def test_toy_tuning_refuses_an_unknown_first_word():
+def test_toy_tuning_checks_its_fields():
     from mixofshow.demo import ToyTuning
 
     with pytest.raises(ValueError, match="first_word 'shape': choose one of random, colour"):
         ToyTuning(first_word="shape")
+    with pytest.raises(ValueError, match=r"embedding_only_steps 5 must be within \[0, steps 5\)"):
+        ToyTuning(steps=5, embedding_only_steps=5)
 
 
 def test_demo_config_checks_its_fields():
