@@ -42,10 +42,12 @@ import torch
 
 from mixofshow.concept_file import fingerprint
 from mixofshow.demo import (
+    TOY_FUSION_BOOST_FROM,
     TOY_FUSION_PROMPTS,
     TOY_FUSION_RCOND,
     TOY_FUSION_UNET_SCALE,
     TOY_STATISTICS_PROMPTS,
+    Sketch,
     ToyTuning,
     concept_pipeline,
     fuse_concepts,
@@ -68,6 +70,7 @@ from mixofshow.toyworld.evaluate import (
     summarize,
 )
 from mixofshow.toyworld.render import ACCESSORIES, BACKGROUNDS, COLOURS, PATTERNS, SHAPES
+from mixofshow.toyworld.sketch import load_sketch_adapter
 
 FIDELITY = ("shape", "colour", "background", "position")
 COLUMNS = ("identity", "identity_strict", "identity_p") + FIDELITY
@@ -106,8 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="first tuning steps in which only the concept embeddings learn (pivotal tuning)")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
-    parser.add_argument("--fusion-unet-scale", type=float, default=TOY_FUSION_UNET_SCALE,
-                        help="every concept's UNet LoRA scale in the fusion (official `unet_alpha`)")
+    parser.add_argument("--fusion-unet-scale", type=float, default=None,
+                        help="every concept's UNet LoRA scale in the fusion (official `unet_alpha`; default: "
+                             f"{TOY_FUSION_UNET_SCALE:g} from {TOY_FUSION_BOOST_FROM} concepts on, else 1)")
     parser.add_argument("--fusion-prompts", type=int, default=TOY_FUSION_PROMPTS,
                         choices=range(1, len(TOY_STATISTICS_PROMPTS) + 1), metavar="N",
                         help=f"prompts of each concept's statistics sampling run: the first N of the toy's "
@@ -129,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--isolate-regions", action="store_true",
                         help="also sample every layout with its regions kept apart in self-attention "
                              "(`RegionPrompts.isolate`): the 'binding, isolated' column")
+    parser.add_argument("--sketch", action="store_true",
+                        help="draw every layout, and each region's object alone, under its sketch through the toy "
+                             "world's sketch T2I-Adapter (regionally controllable sampling with a spatial condition)")
+    parser.add_argument("--sketch-weight", type=float, default=1.0, help="the sketch adapter's weight")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -283,6 +291,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
     method and score the fused model; `timings` gathers the seconds per stage."""
     work = Path(args.work)
     sampling = {"steps": args.steps, "guidance": args.guidance, "seed": seed, "progress": progress}
+    # Layouts (and their regions alone) under the toy's sketch adapter with --sketch; single prompts never
+    sketch = Sketch(load_sketch_adapter(base).to(args.device), args.sketch_weight) if args.sketch else None
     targets = {c.name: concept_targets(c, args.prompts, seed) for c in args.concepts}
     used = args.concepts[:args.ns[-1]]
     rows = []
@@ -318,7 +328,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
             if n in (2, 3):  # the ceiling of binding: each region's object alone, drawn by its concept's own model
                 start = time.perf_counter()
                 parts, images = sample_regions_alone([own_pipes[name] for name in names],
-                                                     composition_target(used[:n]), args.samples, **sampling)
+                                                     composition_target(used[:n]), args.samples, sketch=sketch,
+                                                     **sampling)
                 groups = score_samples(classifier, images, parts)
                 alone = summarize([s for group in groups for s in group], ("identity", "identity_p"))
                 own_binding = {"binding": alone["identity"], "binding_p": alone["identity_p"],
@@ -354,17 +365,19 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 regions_alone = isolated = float("nan")
                 if n in (2, 3):
                     layout = [composition_target(used[:n])]
-                    images = sample_targets(pipe, layout, args.samples, regional=True,
+                    images = sample_targets(pipe, layout, args.samples, regional=True, sketch=sketch,
                                             desc=f"{mode}, n={n}, {method}: regions", **sampling)
                     flat = [s for group in score_samples(classifier, images, layout) for s in group]
                     binding = binding_summary(flat, layout * len(images[0]))
                     if args.isolate_regions:
                         images = sample_targets(pipe, layout, args.samples, regional=True, isolate=True,
-                                                desc=f"{mode}, n={n}, {method}: regions, isolated", **sampling)
+                                                sketch=sketch, desc=f"{mode}, n={n}, {method}: regions, isolated",
+                                                **sampling)
                         isolated = summarize([s for group in score_samples(classifier, images, layout)
                                               for s in group], ("identity",))["identity"]
                     # The same model drawing each region's object alone: splits fusion's loss from composing's
-                    parts, images = sample_regions_alone([pipe] * n, layout[0], args.samples, **sampling)
+                    parts, images = sample_regions_alone([pipe] * n, layout[0], args.samples, sketch=sketch,
+                                                         **sampling)
                     regions_alone = summarize([s for group in score_samples(classifier, images, parts)
                                                for s in group], ("identity",))["identity"]
                 timings["sampling and scoring"] += time.perf_counter() - start
@@ -398,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     base, components, classifier = load_toy_world(args.base)
+    if args.sketch and load_sketch_adapter(base) is None:
+        raise SystemExit(f"--sketch: {base} has no sketch adapter; train one with `python "
+                         f"scripts/train_toy_sketch_adapter.py --base {base}`")
     for name in ("unet", "vae", "text_encoder"):
         components[name].to(args.device)
     sampling = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "progress": progress}
@@ -414,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
             for row in measure(args, seed, base, components, classifier, timings, progress)]
 
     # 3. The table: one row per (mode, n, method), the mean over the seeds and, with several, its range
+    sketch_note = f", layouts under their sketch (weight {args.sketch_weight:g})" if args.sketch else ""
+    scale_note = (f"{args.fusion_unet_scale:g}" if args.fusion_unet_scale is not None else
+                  f"{TOY_FUSION_UNET_SCALE:g} from {TOY_FUSION_BOOST_FROM} concepts on, else 1")
     print(f"\nToy-world fusion quality: base {base}; concepts {', '.join(c.name for c in used)}; "
           f"{args.prompts} prompt(s) x {args.samples} sample(s) per concept; tuning on {args.tune_images} images "
           f"(+{args.tune_zoomed_out} zoomed out), "
@@ -422,9 +441,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.tune_unet_lora_layers}, learning rates "
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
-          f"UNet LoRA scale {args.fusion_unet_scale:g}, {args.fusion_prompts} statistics prompt(s); "
+          f"UNet LoRA scale {scale_note}, {args.fusion_prompts} statistics prompt(s); "
           f"sampling {args.steps} steps, "
-          f"guidance {args.guidance:g}; seed(s) {', '.join(map(str, args.seeds))}; "
+          f"guidance {args.guidance:g}{sketch_note}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
     if len(args.seeds) > 1:

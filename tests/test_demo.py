@@ -298,6 +298,24 @@ def test_toy_fusion_samples_its_statistics_prompts(toy_folder, tmp_path):
                             sampling_steps=1, progress=False, **kwargs)
         report = json.loads((out / "fusion_report.json").read_text())
         assert tuple(report["config"]["sampling_templates"]) == templates
+        assert [item["unet_scale"] for item in report["inputs"]] == [1.0]  # one concept: its tuned strength
+
+
+def test_toy_fusion_boosts_the_unet_loras_from_three_concepts(toy_folder, tmp_path):
+    from mixofshow.demo import TOY_FUSION_BOOST_FROM, TOY_FUSION_UNET_SCALE, ToyTuning, fuse_concepts, tune_concept
+
+    _, components, _ = load_toy_world(toy_folder)
+    tuning = ToyTuning(steps=1, batch_size=1, images=2, embedding_only_steps=0)
+    files = [tune_concept(get_concept(name), toy_folder, components, tmp_path / name, tuning, progress=False)
+             for name in ("pip", "rex", "nova")]
+    for n in (TOY_FUSION_BOOST_FROM - 1, TOY_FUSION_BOOST_FROM):
+        out = fuse_concepts(files[:n], toy_folder, components, tmp_path / f"fused{n}", "weight", progress=False)
+        report = json.loads((out / "fusion_report.json").read_text())
+        expected = TOY_FUSION_UNET_SCALE if n >= TOY_FUSION_BOOST_FROM else 1.0
+        assert [item["unet_scale"] for item in report["inputs"]] == [expected] * n
+    out = fuse_concepts(files[:1], toy_folder, components, tmp_path / "fused-set", "weight", unet_scale=2.0,
+                        progress=False)
+    assert json.loads((out / "fusion_report.json").read_text())["inputs"][0]["unet_scale"] == 2.0
 
 
 def test_demo_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):

@@ -35,7 +35,7 @@ from .errors import MixOfShowError
 from .fusion.fuse import fuse
 from .models import load_base_components
 from .pipelines import MixOfShowPipeline
-from .pipelines.regional import RegionPrompts
+from .pipelines.regional import RegionPrompts, SpatialCondition
 from .tokenizer import load_clip_tokenizer
 from .toyworld.classifier import CLASSIFIER_FILE, load_classifier
 from .toyworld.concepts import Concept, check_first_word, get_concept, write_concept_folder
@@ -52,6 +52,7 @@ from .toyworld.evaluate import (
     summarize,
 )
 from .toyworld.models import toyworld_asset_folder
+from .toyworld.sketch import sketch_tensor
 from .train import train
 
 logger = logging.getLogger(__name__)
@@ -236,8 +237,18 @@ TOY_FUSION_RCOND = 1e-3
 # on each of three tuning seeds, and 0.79 instead of 0.63 on a held-out fourth) for 0.96 of their prompt fidelity;
 # scaling the fused change by 2.0 overshoots (0.78) (benchmarks/results/2026-12-07-session12-toyworld.md). Over six
 # tuning seeds and two statistics prompts it keeps 0.86 with session 13's tuning, 0.84 with the zoomed-out copies
-# (session 14's results).
+# (session 14's results). With one or two concepts there is little to compromise on and the boost overshoots: one
+# concept fused at 1.5 kept 0.76 [0.26, 1.05] of its own model's identity over three seeds (at 1.0: exactly 1), two
+# kept 0.98 [0.70, 1.20] by gradient fusion (at 1.0: 1.04 [1.02, 1.06]) (session 17's results). So the boost starts
+# at `TOY_FUSION_BOOST_FROM` concepts.
 TOY_FUSION_UNET_SCALE = 1.5
+TOY_FUSION_BOOST_FROM = 3
+
+
+def toy_fusion_unet_scale(n_concepts: int) -> float:
+    """Every concept's UNet LoRA scale in a toy fusion of `n_concepts`: `TOY_FUSION_UNET_SCALE` from
+    `TOY_FUSION_BOOST_FROM` concepts on, else the tuned strength (1.0)."""
+    return TOY_FUSION_UNET_SCALE if n_concepts >= TOY_FUSION_BOOST_FROM else 1.0
 
 # Prompts of each concept's statistics sampling run, whose UNet inputs gradient fusion fits (the official code uses
 # one); the toy fusion uses the first `TOY_FUSION_PROMPTS`. With the zoomed-out copies the concepts are tuned small
@@ -261,7 +272,7 @@ TOY_FUSION_PROMPTS = 4
 
 def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dict, out: str | Path, method: str,
                   sampling_steps: int = 20, guidance: float = 5.0, progress: bool = True,
-                  rcond: float = TOY_FUSION_RCOND, unet_scale: float = TOY_FUSION_UNET_SCALE,
+                  rcond: float = TOY_FUSION_RCOND, unet_scale: float | None = None,
                   sampling_templates: Sequence[str] = TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS]) -> Path:
     """Fuse concept files into one model folder with toy-world prompts for the statistics.
 
@@ -275,10 +286,12 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
         guidance: Guidance of that run (as the samples will be drawn).
         progress: Show progress bars.
         rcond: Relative eigenvalue cutoff of the gradient-fusion solve (`FuseConfig.rcond`).
-        unet_scale: Every concept's UNet LoRA scale in the fusion (`ConceptSpec.unet_scale`, official `unet_alpha`).
+        unet_scale: Every concept's UNet LoRA scale in the fusion (`ConceptSpec.unet_scale`, official `unet_alpha`);
+            None: `toy_fusion_unet_scale` of the number of files.
         sampling_templates: Prompts of each concept's statistics sampling run, `{}` = the concept words.
     """
     size = image_size(components)
+    unet_scale = toy_fusion_unet_scale(len(files)) if unet_scale is None else unet_scale
     config = load_fuse_config(
         None, concepts=[{"path": str(f), "unet_scale": unet_scale} for f in files], base=str(base), out=str(out),
         method=method, overwrite=True,
@@ -322,9 +335,21 @@ def region_prompts(target: Target, size: int, isolate: bool = False) -> RegionPr
     return RegionPrompts(prompts, [""] * len(prompts), masks, isolate=isolate)
 
 
+@dataclass(frozen=True)
+class Sketch:
+    """A sketch T2I-Adapter (`toyworld.sketch`) and its weight: each target is drawn under its scene's outlines."""
+
+    adapter: torch.nn.Module
+    weight: float = 1.0
+
+    def condition(self, target: Target, size: int) -> SpatialCondition:
+        return SpatialCondition(self.adapter, sketch_tensor(target.scene, size), self.weight, "sketch")
+
+
 def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: int, steps: int, guidance: float,
                    seed: int = 0, regional: bool = False, isolate: bool = False, batch_size: int = 16,
-                   progress: bool = True, desc: str = "sampling") -> list[list[Image.Image]]:
+                   progress: bool = True, desc: str = "sampling", sketch: Sketch | None = None
+                   ) -> list[list[Image.Image]]:
     """`samples` images of each target's prompt; image k of target i starts from the noise of seed
     `seed + 1000 i + k`, whatever the model, so models are compared on the same noise.
 
@@ -340,13 +365,16 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
         batch_size: Images per pipeline call.
         progress: Show a progress bar.
         desc: Its label.
+        sketch: Draw every image under its target's sketch (`Sketch`), as regionally controllable sampling does
+            with a spatial condition.
 
     Returns:
         Per target, its images.
     """
     jobs = [(i, k) for i in range(len(targets)) for k in range(samples)]
-    # One pipeline call holds any prompts without regions, or the images of one target with its regions.
-    groups = [[job for job in jobs if job[0] == i] for i in range(len(targets))] if regional else [jobs]
+    # One pipeline call holds any prompts without regions or sketch, or the images of one target with its own.
+    per_target = regional or sketch is not None
+    groups = [[job for job in jobs if job[0] == i] for i in range(len(targets))] if per_target else [jobs]
     chunks = [group[s:s + batch_size] for group in groups for s in range(0, len(group), batch_size)]
     images: list[list[Image.Image]] = [[] for _ in targets]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -355,8 +383,9 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
             prompts = [targets[i].prompt() for i, _ in chunk]
             latents = torch.stack([noise(pipe, seed + 1000 * i + k) for i, k in chunk])
             regions = region_prompts(targets[chunk[0][0]], size, isolate) if regional else None
+            conditions = [sketch.condition(targets[chunk[0][0]], size)] if sketch is not None else []
             out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                       latents=latents, progress=False, regions=regions).images
+                       latents=latents, progress=False, regions=regions, conditions=conditions).images
             for (i, _), image in zip(chunk, out):
                 images[i].append(image)
             bar.update(len(chunk))
