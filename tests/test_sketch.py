@@ -49,7 +49,7 @@ def test_sketch_of_a_layout_holds_every_object():
 def test_adapter_features_fit_the_unet():
     components = toy_components(seed=0)
     unet = components["unet"]
-    adapter = new_sketch_adapter(unet)
+    adapter = new_sketch_adapter(unet, components["vae"])
     features = adapter(torch.zeros(2, 1, 64, 64))
     assert [f.shape[1] for f in features] == list(unet.config.block_out_channels)
     latents = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -84,7 +84,8 @@ def test_training_reports_held_out_losses_and_the_files_round_trip(tmp_path):
 def test_sampling_under_a_sketch_depends_on_the_sketch():
     _, components, _ = load_toy_world()
     torch.manual_seed(0)
-    adapter = new_sketch_adapter(components["unet"]).eval()  # untrained: its features still depend on the sketch
+    # untrained: its features still depend on the sketch
+    adapter = new_sketch_adapter(components["unet"], components["vae"]).eval()
     pipe = concept_pipeline(components, [])
     blue_star = ToyObject("star", "blue", column="right", size="small")
     target = Target(Scene("white", (blue_star,)))

@@ -51,7 +51,7 @@ from .toyworld.evaluate import (
     score_images,
     summarize,
 )
-from .toyworld.models import toyworld_asset_folder
+from .toyworld.models import toyworld_asset_folder, vae_factor
 from .toyworld.sketch import sketch_tensor
 from .train import train
 
@@ -176,8 +176,7 @@ def load_toy_world(base: str | Path | None = None) -> tuple[Path, dict, torch.nn
 
 def image_size(components: dict) -> int:
     """The side of the images the base model makes (UNet sample size times the VAE's downsampling)."""
-    vae_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
-    return components["unet"].config.sample_size * vae_factor
+    return components["unet"].config.sample_size * vae_factor(components["vae"])
 
 
 def fresh_components(components: dict) -> dict:

@@ -54,6 +54,11 @@ def toy_unet(cross_attention_dim: int = TEXT_HIDDEN, vae_factor: int = 4) -> UNe
     )
 
 
+def vae_factor(vae: AutoencoderKL) -> int:
+    """How many image pixels one latent pixel spans along a side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def toy_components(seed: int = 0) -> dict:
     """The untrained toy base model.
 

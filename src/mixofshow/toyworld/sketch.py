@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..models import load_base_components
-from .models import toyworld_asset_folder
+from .models import toyworld_asset_folder, vae_factor
 from .render import Scene, caption, random_scene, render, render_with_masks
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,11 @@ def sketch_tensor(scene: Scene, size: int = 64) -> torch.Tensor:
     return torch.from_numpy(sketch(scene, size))[None, None]
 
 
-def new_sketch_adapter(unet) -> T2IAdapter:
-    """An untrained one-channel T2I-Adapter whose features fit `unet`'s down blocks (channels and resolutions from
-    the UNet's config and the VAE factor implied by its sample size)."""
-    channels = list(unet.config.block_out_channels)
-    return T2IAdapter(in_channels=1, channels=channels, num_res_blocks=1, downscale_factor=4,
-                      adapter_type="full_adapter")
+def new_sketch_adapter(unet, vae) -> T2IAdapter:
+    """An untrained one-channel T2I-Adapter whose features fit `unet`'s down blocks: their channels, and their
+    resolutions (the first at the latent size: the image is unshuffled by the VAE's factor)."""
+    return T2IAdapter(in_channels=1, channels=list(unet.config.block_out_channels), num_res_blocks=1,
+                      downscale_factor=vae_factor(vae), adapter_type="full_adapter")
 
 
 def load_sketch_adapter(folder: str | Path) -> T2IAdapter | None:
@@ -99,7 +98,7 @@ def train_sketch_adapter(components: dict, scenes: int = 4000, steps: int = 1500
     """
     torch.manual_seed(seed)
     vae, tokenizer, text_encoder, unet = (components[k] for k in ("vae", "tokenizer", "text_encoder", "unet"))
-    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size * vae_factor(vae)
     rng = np.random.default_rng([seed, 17])
     rendered = [random_scene(rng) for _ in range(scenes)]
     images, sketches, captions = [], [], []
@@ -119,7 +118,7 @@ def train_sketch_adapter(components: dict, scenes: int = 4000, steps: int = 1500
     states = states[:-1]
 
     held_out = min(256, scenes // 5)  # the last scenes: never trained on
-    adapter = new_sketch_adapter(unet)
+    adapter = new_sketch_adapter(unet, vae)
     adapter.train()
     unet.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
