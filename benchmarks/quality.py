@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="small, moved copies of the rendered images added to each training set")
     parser.add_argument("--tune-embedding-only-steps", type=int, default=ToyTuning.embedding_only_steps,
                         help="first tuning steps in which only the concept embeddings learn (pivotal tuning)")
+    parser.add_argument("--tune-regional-share", type=float, default=ToyTuning.regional_share,
+                        help="share of tuning steps with the concept words on a box around the subject only")
     parser.add_argument("--rcond", type=float, default=TOY_FUSION_RCOND,
                         help="eigenvalue cutoff of the gradient-fusion solve (relative to the largest)")
     parser.add_argument("--fusion-unet-scale", type=float, default=None,
@@ -163,7 +165,7 @@ def tuning_folder_name(tuning: ToyTuning, concept: Concept, components: dict) ->
     # A field added later, at the value it stands for when absent, leaves the digest as before, so that files tuned
     # before it existed are found
     settings = repr(tuning)
-    for later in ("zoomed_out=0", "embedding_only_steps=0"):
+    for later in ("zoomed_out=0", "embedding_only_steps=0", "regional_share=0.0"):
         settings = settings.replace(f", {later}", "")
     digest = hashlib.sha1(settings.encode())
     digest.update(repr(fingerprint(components["tokenizer"], components["text_encoder"], components["unet"])).encode())
@@ -302,6 +304,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                            lr_embedding=args.tune_lr_embedding, lr_text_encoder=args.tune_lr_text_encoder,
                            lr_unet=args.tune_lr_unet, images=args.tune_images,
                            zoomed_out=args.tune_zoomed_out, embedding_only_steps=args.tune_embedding_only_steps,
+                           regional_share=args.tune_regional_share,
                            unet_lora_layers=args.tune_unet_lora_layers,
                            first_word=args.tune_first_word, seed=seed)
         files, own, own_pipes = {}, {}, {}

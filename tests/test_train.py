@@ -185,6 +185,44 @@ def test_embedding_only_steps_hold_the_loras_then_release_them(tmp_path):
     assert any(not torch.equal(p, before) for p, before in zip(trainer.trainable[1:], loras))
 
 
+def test_subject_box_widens_the_mask_bounds_at_the_latent_size():
+    mask = torch.zeros(32, 32)
+    mask[8:16, 12:20] = 1  # latent 8x8: rows 2-3, columns 3-4
+    box = training.subject_box(mask, (8, 8))
+    rows, cols = box.any(1).nonzero()[:, 0].tolist(), box.any(0).nonzero()[:, 0].tolist()
+    assert rows == [1, 2, 3, 4] and cols == [2, 3, 4, 5] and box.sum() == 16  # one latent pixel of margin
+    assert training.subject_box(torch.zeros(32, 32), (8, 8)).eq(1).all()  # no subject: the whole image
+
+
+def test_regional_steps_put_the_concept_words_on_the_subject_box_only(tmp_path, monkeypatch):
+    for folder in ("data", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(2):  # a small subject in the top-left corner
+        image, mask = Image.new("RGB", (32, 32), (20, 90, 200)), Image.new("L", (32, 32), 0)
+        ImageDraw.Draw(image).ellipse((2, 2, 11, 11), fill=(240, 40, 40))
+        ImageDraw.Draw(mask).ellipse((2, 2, 11, 11), fill=255)
+        image.save(tmp_path / "data" / f"img{i}.png")
+        mask.save(tmp_path / "masks" / f"img{i}.png")
+        (tmp_path / "data" / f"img{i}.txt").write_text("a photo of <TOK>, red, on blue")
+    trainer = EDLoRATrainer(config(tmp_path, regional_share=1.0, attn_reg_weight=0.0), components=tiny_components())
+    prompts, regions = [], []
+    layer_input_ids = trainer.vocabulary.layer_input_ids
+    monkeypatch.setattr(trainer.vocabulary, "layer_input_ids",
+                        lambda tokenizer, batch: prompts.extend(batch) or layer_input_ids(tokenizer, batch))
+    region_attention = training.RegionalAttention
+    monkeypatch.setattr(training, "RegionalAttention",
+                        lambda *args, **kwargs: regions.append(args[1]) or region_attention(*args, **kwargs))
+    loss, logs = trainer.loss(*trainer.batch(0, 0))
+    assert logs["regional"] == 1.0
+    batch_size = trainer.config.batch_size
+    captions, per_image = prompts[:batch_size], prompts[batch_size:]  # the batch, then per image: global, region
+    assert per_image[1::2] == captions and all("<hina1> <hina2>" in c for c in captions)
+    assert per_image[0::2] == [c.replace("<hina1> <hina2>", "girl") for c in captions]  # the class word instead
+    assert len(regions) == trainer.config.batch_size and all(0 < r.mean() < 1 for r in regions)
+    rows_gradient = torch.autograd.grad(loss, trainer.embedding.rows)[0]
+    assert rows_gradient.abs().sum() > 0  # the concept learns through its region prompt
+
+
 def test_gradient_checkpointing_with_attention_regularisation_matches(tmp_path):
     results = []
     for checkpointing in (False, True):
@@ -222,6 +260,7 @@ def test_attention_regularisation_reaches_the_lora_weights(tmp_path):
         ({"zoom_out_p": 1.5}, "zoom_out_p"),
         ({"zoom_out_min": 0.0}, "zoom_out_min"),
         ({"embedding_only_steps": 4}, "embedding_only_steps"),
+        ({"regional_share": 1.5}, "regional_share"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, fields, message):

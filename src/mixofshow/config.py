@@ -59,6 +59,10 @@ class TrainConfig:
     embedding_only_steps: int = _help("first steps in which only the concept embeddings learn, the LoRAs waiting "
                                       "(pivotal tuning): the embeddings take what they can of the concept before "
                                       "the LoRAs share it (0 = all learn from the start, as officially)", default=0)
+    regional_share: float = _help("share of steps in which the concept words condition only a box around the "
+                                  "subject mask, the rest of the image reading the caption with the class word in "
+                                  "their place (as regional sampling will use them: against a concept whose region "
+                                  "stays empty; beyond the official recipe; needs masks)", default=0.0)
     require_placeholder: bool = _help("every caption must contain <TOK>", default=True)
     shuffle_caption: bool = _help("shuffle comma-separated caption parts after the first", default=True)
     caption_templates: tuple[str, ...] = _help("templates with {} for the concept, used for half the steps",
@@ -190,6 +194,8 @@ def validate_train_config(config: TrainConfig) -> None:
     if config.embedding_only_steps >= config.steps:
         raise MixOfShowError(f"field 'embedding_only_steps' ({config.embedding_only_steps}) must be below 'steps' "
                              f"({config.steps}), or the LoRAs never learn")
+    if not 0 <= config.regional_share <= 1:
+        raise MixOfShowError(f"field 'regional_share' must be within [0, 1], got {config.regional_share}")
     if not 0 <= config.flip_p <= 1:
         raise MixOfShowError(f"field 'flip_p' must be within [0, 1], got {config.flip_p}")
     if not 0 <= config.zoom_out_p <= 1:

@@ -94,6 +94,8 @@ class ToyTuning:
                                                                          "mean norm reaches this (0 = never)"})
     embedding_only_steps: int = field(default=200, metadata={"help": "first steps (of `steps`) in which only the "
                                                                      "embeddings learn (TrainConfig; pivotal tuning)"})
+    regional_share: float = field(default=0.0, metadata={"help": "share of steps with the concept words on a box "
+                                                                 "around the subject only (TrainConfig)"})
     lr_text_encoder: float = field(default=3e-4, metadata={"help": "learning rate of the text-encoder LoRA"})
     lr_unet: float = field(default=5e-4, metadata={"help": "learning rate of the UNet LoRA"})
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
@@ -219,6 +221,7 @@ def tune_concept(concept: Concept, base: str | Path, components: dict, work: str
         unet_lora_layers=tuning.unet_lora_layers, lr_embedding=tuning.lr_embedding,
         lr_text_encoder=tuning.lr_text_encoder, lr_unet=tuning.lr_unet,
         embedding_norm_limit=tuning.embedding_norm_limit, embedding_only_steps=tuning.embedding_only_steps,
+        regional_share=tuning.regional_share,
         flip_p=0.0,  # captions name the position: a flipped image would contradict its caption
         validation_steps=0, seed=tuning.seed)
     return train(config, components=fresh_components(components), progress=progress)

@@ -22,7 +22,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .attention import LAYERWISE_KEY, RECORDER_KEY, AttentionMapRecorder, install_processors
+from .attention import (
+    LAYERWISE_KEY,
+    RECORDER_KEY,
+    REGIONS_KEY,
+    AttentionMapRecorder,
+    RegionalAttention,
+    install_processors,
+)
 from .concept_file import ConceptFile, fingerprint, read_safetensors, save_concept, write_atomically
 from .config import TrainConfig
 from .data import CONCEPT_PLACEHOLDER, ConceptDataset, scan_concept_folder
@@ -74,6 +81,21 @@ def batch_indices(seed: int, first_sample: int, count: int, dataset_size: int) -
         order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         indices.append(int(order[position]))
     return indices
+
+
+def subject_box(mask: torch.Tensor, size: tuple[int, int], margin: float = 0.25) -> torch.Tensor:
+    """`(h, w)` float mask of the box around a `(H, W)` subject mask, widened by `margin` of its side on each side
+    (at least one latent pixel), at the latent size `size`; the whole image when the mask is empty."""
+    height, width = size
+    small = F.interpolate(mask[None, None].float(), size=size, mode="area")[0, 0] > 0.25
+    box = torch.zeros(size, device=mask.device)
+    if not small.any():
+        return box + 1
+    rows, cols = small.any(1).nonzero()[:, 0], small.any(0).nonzero()[:, 0]
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    dy, dx = max(1, round(margin * (y1 - y0))), max(1, round(margin * (x1 - x0)))
+    box[max(0, y0 - dy):min(height, y1 + dy), max(0, x0 - dx):min(width, x1 + dx)] = 1
+    return box
 
 
 def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -300,17 +322,40 @@ class EDLoRATrainer:
         recorder = AttentionMapRecorder(present.float().argmax(dim=1)) if self.use_reg else None  # first positions
         if recorder:
             kwargs[RECORDER_KEY] = recorder
-        prediction = self.unet(noisy.to(dtype), timesteps, states[0], cross_attention_kwargs=kwargs or None).sample
+        regional = config.regional_share > 0 and torch.rand(1, generator=g).item() < config.regional_share
+        if regional:  # (no attention maps are recorded on these steps)
+            prediction = self.regional_prediction(noisy.to(dtype), timesteps, batch["captions"], mask)
+            recorder = None
+        else:
+            prediction = self.unet(noisy.to(dtype), timesteps, states[0],
+                                   cross_attention_kwargs=kwargs or None).sample
         # Gradient checkpointing re-runs layers (and re-records) in backward; the forward's maps come first.
         maps = recorder.maps[: self.num_cross_layers] if recorder else []
         loss = masked_diffusion_loss(prediction, target, mask)  # without mask files: 1 but on a zoomed-out canvas
-        logs = {"loss": loss.item()}
+        logs = {"loss": loss.item(), **({"regional": float(regional)} if config.regional_share > 0 else {})}
         if maps:
             reg = attention_regularization(maps, mask, tuple(latents.shape[-2:]), self.class_like,
                                            config.attn_reg_full_identity, present.any(dim=1).to(device))
             loss = loss + config.attn_reg_weight * reg
             logs["attn_reg"] = reg.item()
         return loss, logs
+
+    def regional_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str],
+                            mask: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction with each image's caption as a region prompt on a box around its subject and, as
+        the global prompt elsewhere, the caption with the class word in place of the concept words (one image per
+        call: region masks are shared by a batch)."""
+        class_phrase = " ".join(w for w in self.config.init if not RANDOM_INIT.match(w)) or "object"
+        predictions = []
+        for index, caption in enumerate(captions):
+            box = subject_box(mask[index, 0], noisy.shape[-2:])
+            global_caption = caption.replace(self.dataset.concept_text, class_phrase)
+            global_states = self.encode(self.vocabulary.layer_input_ids(self.tokenizer, [global_caption]))
+            region_states = self.encode(self.vocabulary.layer_input_ids(self.tokenizer, [caption]))
+            regions = RegionalAttention(region_states[None], box[None].to(noisy.device), trainable=True)
+            predictions.append(self.unet(noisy[index:index + 1], timesteps[index:index + 1], global_states[0],
+                                         cross_attention_kwargs={REGIONS_KEY: regions}).sample)
+        return torch.cat(predictions)
 
     def encode(self, layer_ids: torch.Tensor) -> torch.Tensor:
         """`(L, B, T)` ids -> `(L, B, T, D)` encodings, all layers in one text-encoder batch."""
