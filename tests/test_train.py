@@ -212,10 +212,12 @@ def test_regional_steps_put_the_concept_words_on_the_subject_box_only(tmp_path, 
     region_attention = training.RegionalAttention
     monkeypatch.setattr(training, "RegionalAttention",
                         lambda *args, **kwargs: regions.append(args[1]) or region_attention(*args, **kwargs))
-    loss, logs = trainer.loss(*trainer.batch(0, 0))
+    batch, generator = trainer.batch(0, 0)
+    loss, logs = trainer.loss(batch, generator)
     assert logs["regional"] == 1.0
-    batch_size = trainer.config.batch_size
-    captions, per_image = prompts[:batch_size], prompts[batch_size:]  # the batch, then per image: global, region
+    batch_size, captions = trainer.config.batch_size, batch["captions"]
+    per_image = prompts  # per image: its global prompt, then its region prompt (no whole-batch encoding)
+    assert len(per_image) == 2 * batch_size
     assert per_image[1::2] == captions and all("<hina1> <hina2>" in c for c in captions)
     assert per_image[0::2] == [c.replace("<hina1> <hina2>", "girl") for c in captions]  # the class word instead
     assert len(regions) == trainer.config.batch_size and all(0 < r.mean() < 1 for r in regions)

@@ -315,18 +315,17 @@ class EDLoRATrainer:
         else:
             target = noise
 
-        layer_ids = self.vocabulary.layer_input_ids(self.tokenizer, batch["captions"])  # (L, B, T)
-        states = self.encode(layer_ids)
-        kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
-        present = layer_ids[0][:, :, None] == self.word_ids[None, None, :]  # (B, T, K)
-        recorder = AttentionMapRecorder(present.float().argmax(dim=1)) if self.use_reg else None  # first positions
-        if recorder:
-            kwargs[RECORDER_KEY] = recorder
         regional = config.regional_share > 0 and torch.rand(1, generator=g).item() < config.regional_share
-        if regional:  # (no attention maps are recorded on these steps)
+        recorder = None
+        if regional:  # one image per UNet call; no attention maps are recorded on these steps
             prediction = self.regional_prediction(noisy.to(dtype), timesteps, batch["captions"], mask)
-            recorder = None
         else:
+            layer_ids = self.vocabulary.layer_input_ids(self.tokenizer, batch["captions"])  # (L, B, T)
+            states = self.encode(layer_ids)
+            kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
+            present = layer_ids[0][:, :, None] == self.word_ids[None, None, :]  # (B, T, K)
+            if self.use_reg:  # the concept words' first positions
+                recorder = kwargs[RECORDER_KEY] = AttentionMapRecorder(present.float().argmax(dim=1))
             prediction = self.unet(noisy.to(dtype), timesteps, states[0],
                                    cross_attention_kwargs=kwargs or None).sample
         # Gradient checkpointing re-runs layers (and re-records) in backward; the forward's maps come first.

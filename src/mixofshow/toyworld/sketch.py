@@ -71,14 +71,20 @@ def load_sketch_adapter(folder: str | Path) -> T2IAdapter | None:
     return T2IAdapter.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
+def cubic_timesteps(count: int, total_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """T2I-Adapter's cubic timestep sampling, t = (1 - u^3) T: the noisy early steps, where layout is decided,
+    drawn most often."""
+    u = torch.rand(count, generator=generator)
+    return ((1 - u ** 3) * total_steps).long().clamp(max=total_steps - 1)
+
+
 def train_sketch_adapter(components: dict, scenes: int = 4000, steps: int = 1500, batch_size: int = 32,
                          lr: float = 1e-3, caption_dropout: float = 0.1, seed: int = 0,
                          seconds: float | None = None, progress: bool = True) -> tuple[T2IAdapter, dict]:
     """Train a sketch adapter against the frozen toy base model on rendered base-world scenes.
 
-    The loss is the base model's epsilon objective with the adapter's features added to the UNet's down blocks;
-    timesteps are drawn with T2I-Adapter's cubic schedule (t = (1 - u^3) T), which favours the noisy early steps
-    where layout is decided.
+    The loss is the base model's epsilon objective with the adapter's features added to the UNet's down blocks, at
+    `cubic_timesteps`.
 
     Args:
         components: The toy base model's components (`vae`, `tokenizer`, `text_encoder`, `unet`, `scheduler`);
@@ -131,8 +137,7 @@ def train_sketch_adapter(components: dict, scenes: int = 4000, steps: int = 1500
             break
         index = torch.randint(len(latents) - held_out, (batch_size,), generator=generator)
         noise = torch.randn(latents[index].shape, generator=generator)
-        u = torch.rand(batch_size, generator=generator)
-        timesteps = ((1 - u ** 3) * total_steps).long().clamp(max=total_steps - 1)
+        timesteps = cubic_timesteps(batch_size, total_steps, generator)
         noisy = noise_scheduler.add_noise(latents[index], noise, timesteps)
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
         text = torch.where(drop[:, None, None], empty[None], states[index])
@@ -165,9 +170,7 @@ def held_out_losses(adapter: T2IAdapter, unet, noise_scheduler, latents: torch.T
     adapter's features: what the sketch tells the model that the caption does not."""
     generator = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(latents.shape, generator=generator)
-    u = torch.rand(len(latents), generator=generator)
-    total_steps = noise_scheduler.config.num_train_timesteps
-    timesteps = ((1 - u ** 3) * total_steps).long().clamp(max=total_steps - 1)
+    timesteps = cubic_timesteps(len(latents), noise_scheduler.config.num_train_timesteps, generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
         without = unet(noisy, timesteps, states).sample
