@@ -104,6 +104,20 @@ def test_a_concept_with_lora_on_fewer_layers_fuses(tmp_path, concepts):
     assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows)
 
 
+def test_a_concept_with_feed_forward_lora_fuses(tmp_path, concepts):
+    # `unet_lora_layers: attention_ff` files add the feed-forward linears: exact alone, solved beside others
+    with_ff = random_concept(tiny_components(), ("<f1>", "<f2>"), seed=5, unet_lora_layers="attention_ff")
+    path = save_concept(with_ff, tmp_path / "ff.safetensors")
+    alone = MixOfShowPipeline.from_base(run_fusion(tmp_path, [path], name="alone"))
+    torch.testing.assert_close(sample(alone, ("<f1>", "<f2>")), sample(own_model(path), ("<f1>", "<f2>")),
+                               rtol=1e-4, atol=1e-4)
+    report = json.loads((run_fusion(tmp_path, [path, concepts[1]], name="mixed") / "fusion_report.json").read_text())
+    rows = {path: row for part in report["layers"].values() for path, row in part.items()}
+    feed_forward = [p for p in rows if ".ff.net." in p]
+    assert len(rows) == 8 + 56 + len(feed_forward) and feed_forward
+    assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows.values())
+
+
 def test_fused_folder_loads_in_diffusers_and_knows_its_concepts(tmp_path, concepts):
     out = run_fusion(tmp_path, concepts[:2])
     plain = StableDiffusionPipeline.from_pretrained(out)

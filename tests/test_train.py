@@ -162,6 +162,19 @@ def test_cross_attention_lora_touches_only_cross_attention_key_value_and_output(
     assert concept.text_encoder_lora  # the text encoder's LoRA is unchanged by the option
 
 
+def test_attention_ff_lora_adds_the_feed_forward_layers_to_the_attention_ones(tmp_path):
+    concept = load_concept(train(config(tmp_path, steps=2, unet_lora_layers="attention_ff"),
+                                 components=tiny_components(), progress=False))
+    attention = load_concept(train(config(tmp_path, steps=1, out=str(tmp_path / "attention.safetensors")),
+                                   components=tiny_components(), progress=False))
+    feed_forward = sorted(set(concept.unet_lora) - set(attention.unet_lora))
+    blocks = {p.rsplit(".attn", 1)[0] for p in attention.unet_lora}
+    assert set(attention.unet_lora) < set(concept.unet_lora)
+    assert feed_forward == sorted(f"{block}.ff.net.{name}" for block in blocks for name in ("0.proj", "2"))
+    assert any(not torch.equal(concept.unet_lora[p][1], torch.zeros_like(concept.unet_lora[p][1]))
+               for p in feed_forward)
+
+
 def test_embedding_freeze_at_the_norm_limit(tmp_path):
     # The class word 'girl' starts far above a 0.01 limit: the embeddings freeze at once, LoRA still trains.
     trainer = EDLoRATrainer(config(tmp_path, embedding_norm_limit=0.01), components=tiny_components())

@@ -37,8 +37,9 @@ class TrainConfig:
     rank: int = _help("LoRA rank", default=4)
     alpha: float = _help("LoRA alpha, PEFT convention (scale = alpha / rank); 4 = the official alpha 1.0",
                          default=4.0)
-    unet_lora_layers: str = _help("UNet layers with LoRA: 'attention' (self- and cross-attention, the official) or "
-                                  "'cross_attention' (its key, value and output only: less for fusion to reconcile)",
+    unet_lora_layers: str = _help("UNet layers with LoRA: 'attention' (self- and cross-attention, the official), "
+                                  "'cross_attention' (its key, value and output only: less for fusion to reconcile) "
+                                  "or 'attention_ff' (attention and the feed-forward layers: new details learned)",
                                   default="attention")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("images per step per process", default=2)

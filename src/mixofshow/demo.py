@@ -99,8 +99,9 @@ class ToyTuning:
     lr_text_encoder: float = field(default=3e-4, metadata={"help": "learning rate of the text-encoder LoRA"})
     lr_unet: float = field(default=5e-4, metadata={"help": "learning rate of the UNet LoRA"})
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
-    unet_lora_layers: str = field(default="attention", metadata={"help": "UNet layers with LoRA: attention or "
-                                                                        "cross_attention (TrainConfig)"})
+    unet_lora_layers: str = field(default="attention", metadata={"help": "UNet layers with LoRA: attention, "
+                                                                        "cross_attention or attention_ff "
+                                                                        "(TrainConfig)"})
     first_word: str = field(default="random", metadata={"help": "initialiser of the first concept word: random "
                                                                  "(official) or colour (the concept's colour word)"})
     seed: int = field(default=0, metadata={"help": "seeds the rendered images and the tuning"})

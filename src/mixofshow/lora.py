@@ -1,4 +1,5 @@
-"""LoRA through PEFT on the attention linears of the text encoder and the UNet: add, read out, load, scale, delta."""
+"""LoRA through PEFT on the attention (and optionally feed-forward) linears of the text encoder and the UNet: add,
+read out, load, scale, delta."""
 
 from __future__ import annotations
 
@@ -15,25 +16,30 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Which UNet linears get LoRA (TrainConfig.unet_lora_layers). "attention": the transformer blocks' self- (attn1) and
 # cross-attention (attn2), as the official ED-LoRA. "cross_attention": only the cross-attention's key, value and
 # output (Custom Diffusion tunes key and value only): they see the concept's own text features, not the image
-# features every concept shares, so gradient fusion has less to reconcile.
+# features every concept shares, so gradient fusion has less to reconcile. "attention_ff": "attention" plus the
+# transformer blocks' feed-forward linears (as LoRA trainers commonly offer): attention alone re-routes what the base
+# model can draw, the feed-forward layers change what each position's features become, for details the base model
+# never drew.
 UNET_TARGET_PATTERNS = {
     "attention": r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
     "cross_attention": r".*transformer_blocks\.\d+\.attn2\.(to_k|to_v|to_out\.0)",
+    "attention_ff": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
 }
-UNET_TARGET_PATTERN = UNET_TARGET_PATTERNS["attention"]  # the widest choice: what fusion looks for
+UNET_TARGET_PATTERN = UNET_TARGET_PATTERNS["attention"]  # the official targets, the default
 
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
 
 
-def target_paths(model: torch.nn.Module, part: str) -> list[str]:
-    """Paths of the linear layers that LoRA targets by default in `part` ("text_encoder" or "unet")."""
+def target_paths(model: torch.nn.Module, part: str, unet_lora_layers: str = "attention") -> list[str]:
+    """Paths of the linear layers that LoRA targets in `part` ("text_encoder" or "unet"; in the UNet those of
+    `UNET_TARGET_PATTERNS[unet_lora_layers]`, by default the official ones)."""
     wrapped = set(lora_layers(model))
     paths = []
     for path, module in model.named_modules():
         inside_wrapper = path.rpartition(".")[0] in wrapped or ".lora_" in path
         if path in wrapped or (isinstance(module, torch.nn.Linear) and not inside_wrapper):
             name = path.rsplit(".", 1)[-1]
-            if (part == "unet" and re.fullmatch(UNET_TARGET_PATTERN, path)) or (
+            if (part == "unet" and re.fullmatch(UNET_TARGET_PATTERNS[unet_lora_layers], path)) or (
                     part == "text_encoder" and name in TEXT_ENCODER_TARGETS):
                 paths.append(path)
     return paths

@@ -117,7 +117,8 @@ def save_tiny_base(path, seed: int = 0):
 
 
 def random_concept(components: dict, words: tuple[str, ...], seed: int = 0, rank: int = 4, lora_std: float = 0.05,
-                   embedding_std: float = 0.3, unet_layers: str = r".*", text_encoder_lora_std: float | None = None):
+                   embedding_std: float = 0.3, unet_layers: str = r".*", text_encoder_lora_std: float | None = None,
+                   unet_lora_layers: str = "attention"):
     r"""A random ED-LoRA concept for `components`: layer-wise embeddings and nonzero LoRA on every default target.
 
     Args:
@@ -130,6 +131,7 @@ def random_concept(components: dict, words: tuple[str, ...], seed: int = 0, rank
         unet_layers: regex; only UNet layers whose path matches get LoRA (e.g. r".*attn2\.to_[kv]").
         text_encoder_lora_std: the text encoder's LoRA entries' standard deviation (default: `lora_std`); ED-LoRA
             trains it with a 10x smaller learning rate than the UNet's.
+        unet_lora_layers: the UNet's targets, a key of `lora.UNET_TARGET_PATTERNS` (`TrainConfig.unet_lora_layers`).
 
     Returns:
         A `ConceptFile`.
@@ -145,7 +147,7 @@ def random_concept(components: dict, words: tuple[str, ...], seed: int = 0, rank
     def lora(model, part):
         std = text_encoder_lora_std if part == "text_encoder" and text_encoder_lora_std is not None else lora_std
         weights = {}
-        for path in target_paths(model, part):
+        for path in target_paths(model, part, unet_lora_layers):
             if part == "unet" and not re.fullmatch(unet_layers, path):
                 continue
             out_features, in_features = base_weight(model, path).shape
