@@ -136,6 +136,19 @@ def test_kohya_round_trip_gives_the_same_outputs(tmp_path, components, concept):
     assert_same_outputs(ours(components, lora), ours(components, concept), plain(components))
 
 
+def test_feed_forward_lora_round_trips_through_kohya_and_diffusers_files(tmp_path, components):
+    concept = random_concept(components, ("<k1>",), seed=3, unet_lora_layers="attention_ff")
+    assert any(".ff.net." in module for module in concept.unet_lora)
+    for fmt in ("kohya", "diffusers"):
+        files = export_concept(concept, fmt, tmp_path / fmt).files
+        imported = load_concept(next(f for f in files if f.name != "k1.safetensors"
+                                     and f.suffix == ".safetensors"))
+        assert sorted(imported.unet_lora) == sorted(concept.unet_lora)
+        for module, (down, up) in concept.unet_lora.items():
+            torch.testing.assert_close(lora_delta(*imported.unet_lora[module], imported.rank, imported.alpha),
+                                       lora_delta(down, up, concept.rank, concept.alpha), rtol=1e-5, atol=1e-6)
+
+
 def test_kohya_export_is_read_by_diffusers(tmp_path, components, concept):
     """diffusers' own kohya reader (a second opinion on the names and the alpha) gives our outputs."""
     lora = export_concept(concept, "kohya", tmp_path / "kit.safetensors").files[0]
@@ -246,7 +259,7 @@ def test_mixed_ranks_and_alphas_are_kept_exactly(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_layers_other_than_attention_are_skipped_with_a_warning(tmp_path, caplog):
+def test_layers_other_than_attention_and_feed_forward_are_skipped_with_a_warning(tmp_path, caplog):
     g = torch.Generator().manual_seed(0)
     modules = {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v": (
@@ -260,9 +273,10 @@ def test_layers_other_than_attention_are_skipped_with_a_warning(tmp_path, caplog
     }
     with caplog.at_level(logging.WARNING):
         imported = load_concept(write_kohya(tmp_path / "community.safetensors", modules))
-    assert "skipped LoRA on 3 layer(s)" in caplog.text
-    assert list(imported.unet_lora) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"]
-    assert not imported.text_encoder_lora and len(imported.config["skipped_modules"]) == 3
+    assert "skipped LoRA on 2 layer(s)" in caplog.text
+    assert sorted(imported.unet_lora) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
+                                          "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"]
+    assert not imported.text_encoder_lora and len(imported.config["skipped_modules"]) == 2
 
 
 # -- bad input: refused, naming the file and the key ------------------------------------------------------------

@@ -7,9 +7,9 @@ textual inversion has one vector per token and no notion of layers (the files an
 
 Import reads kohya / A1111 (`lora_unet_…`, `lora_te_…`) and diffusers / PEFT (`unet.….lora_A.weight`) LoRA files as
 concept files with no words: `load_concept` dispatches here for a safetensors file without our metadata, so
-`MixOfShowPipeline.load_concept` and `mixofshow fuse` (with trigger `prompts`) take them. Only the attention linears
-our LoRA lives on are read; a kohya file's other layers (feed-forward, projections, convolutions) are skipped with a
-warning that counts them (see `import_lora`).
+`MixOfShowPipeline.load_concept` and `mixofshow fuse` (with trigger `prompts`) take them. Only the linears our LoRA
+lives on are read (attention and feed-forward); a kohya file's other layers (projections, convolutions) are skipped
+with a warning that counts them (see `import_lora`).
 """
 
 from __future__ import annotations
@@ -38,18 +38,20 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_
 EMBEDDINGS_FOLDER = "embeddings"
 MANIFEST_SUFFIX = ".concepts.json"
 
-# The layers our LoRA lives on, as diffusers / transformers module paths (text encoder without `text_model.`).
-UNET_ATTENTION = re.compile(
-    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\."
-    r"(?:to_q|to_k|to_v|to_out\.0)")
+# The layers our LoRA lives on (`lora.UNET_TARGET_PATTERNS`: attention, and feed-forward with `attention_ff`), as
+# diffusers / transformers module paths (text encoder without `text_model.`).
+UNET_LORA_LAYER = re.compile(
+    r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\."
+    r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))")
 TEXT_ATTENTION = re.compile(r"encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj")
 
 # kohya names: the module path with "." -> "_" behind a prefix; parsed back with these (underscores are ambiguous).
-KOHYA_UNET_ATTENTION = re.compile(
-    r"lora_unet_(down_blocks_\d+|up_blocks_\d+|mid_block)_attentions_(\d+)_transformer_blocks_(\d+)_(attn[12])_"
-    r"(to_q|to_k|to_v|to_out_0)")
+KOHYA_UNET_LORA_LAYER = re.compile(
+    r"lora_unet_(down_blocks_\d+|up_blocks_\d+|mid_block)_attentions_(\d+)_transformer_blocks_(\d+)_"
+    r"(attn[12]_(?:to_q|to_k|to_v|to_out_0)|ff_net_(?:0_proj|2))")
+KOHYA_LAYER_NAMES = {"to_out_0": "to_out.0", "ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2"}
 KOHYA_TEXT_ATTENTION = re.compile(r"lora_te_(?:text_model_)?encoder_layers_(\d+)_self_attn_(q|k|v|out)_proj")
-# Other SD1.x/2.x layers a kohya file may train (feed-forward, projections, resnets, ...): skipped, not refused.
+# Other SD1.x/2.x layers a kohya file may train (projections, resnets, text-encoder MLPs, ...): skipped, not refused.
 KOHYA_OTHER_SD_LAYER = re.compile(
     r"lora_unet_(?:(?:down_blocks|up_blocks)_\d+_|mid_block_|conv_in|conv_out|time_embedding_)"
     r"|lora_te_(?:text_model_)?encoder_layers_\d+_mlp_fc[12]")
@@ -329,13 +331,17 @@ def lora_format(keys) -> str | None:
 
 
 def _kohya_module(name: str) -> tuple[str, str] | None:
-    """(part, module path) of a kohya module name on an attention linear, else None."""
-    match = KOHYA_UNET_ATTENTION.fullmatch(name)
+    """(part, module path) of a kohya module name on a linear our LoRA lives on, else None."""
+    match = KOHYA_UNET_LORA_LAYER.fullmatch(name)
     if match:
-        block, attention, transformer, attn, projection = match.groups()
+        block, attention, transformer, layer = match.groups()
         block = block.replace("_blocks_", "_blocks.")
-        projection = "to_out.0" if projection == "to_out_0" else projection
-        return "unet", f"{block}.attentions.{attention}.transformer_blocks.{transformer}.{attn}.{projection}"
+        if layer.startswith("attn"):
+            attn, _, projection = layer.partition("_")
+            layer = f"{attn}.{KOHYA_LAYER_NAMES.get(projection, projection)}"
+        else:
+            layer = KOHYA_LAYER_NAMES[layer]
+        return "unet", f"{block}.attentions.{attention}.transformer_blocks.{transformer}.{layer}"
     match = KOHYA_TEXT_ATTENTION.fullmatch(name)
     if match:
         layer, projection = match.groups()
@@ -420,7 +426,7 @@ def _read_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     loras: dict[str, dict] = {"text_encoder": {}, "unet": {}}
     skipped = []
     for (part, module), found in pairs.items():
-        pattern = UNET_ATTENTION if part == "unet" else TEXT_ATTENTION
+        pattern = UNET_LORA_LAYER if part == "unet" else TEXT_ATTENTION
         if not pattern.fullmatch(module):
             skipped.append(f"{part}.{module}")
             continue
@@ -481,10 +487,11 @@ def import_lora(path: str | Path, tensors: dict[str, torch.Tensor] | None = None
                 metadata: dict[str, str] | None = None) -> ConceptFile:
     """Read a kohya / A1111 or diffusers / PEFT LoRA file as a concept file with no words.
 
-    Only the attention linears our LoRA lives on are read (UNet attn1/attn2 to_q/k/v/out, text encoder
-    q/k/v/out_proj). LoRA on other layers (feed-forward, projections, convolutions: kohya's default network trains
-    some of them) is skipped with a warning that counts it: refusing would turn away most community LoRAs, and the
-    attention layers carry most of a LoRA's effect; the skipped modules are listed in the concept's `config`.
+    Only the linears our LoRA lives on are read (UNet attn1/attn2 to_q/k/v/out and the transformer blocks'
+    feed-forward ff.net.0.proj / ff.net.2, text encoder q/k/v/out_proj). LoRA on other layers (projections,
+    convolutions, text-encoder MLPs: kohya's networks train some of them) is skipped with a warning that counts it:
+    refusing would turn away most community LoRAs, and the attention and feed-forward layers carry most of a LoRA's
+    effect; the skipped modules are listed in the concept's `config`.
 
     Args:
         path: the `.safetensors` LoRA file.
@@ -509,11 +516,11 @@ def import_lora(path: str | Path, tensors: dict[str, torch.Tensor] | None = None
     _check_finite(path, tensors)
     loras, skipped = _read_kohya(path, tensors) if fmt == "kohya" else _read_diffusers(path, tensors, metadata)
     if not any(loras.values()):
-        raise MixOfShowError(f"{path}: none of its {len(skipped)} LoRA modules is on an attention layer this "
-                             "model's LoRA can use (UNet to_q/k/v/out, text encoder q/k/v/out_proj)")
+        raise MixOfShowError(f"{path}: none of its {len(skipped)} LoRA modules is on a layer this model's LoRA can "
+                             "use (UNet to_q/k/v/out and ff.net, text encoder q/k/v/out_proj)")
     if skipped:
-        logger.warning("%s: skipped LoRA on %d layer(s) that are not attention linears (e.g. %s); the attention "
-                       "layers' %d are read", path, len(skipped), skipped[0],
+        logger.warning("%s: skipped LoRA on %d layer(s) that are not attention or feed-forward linears (e.g. %s); "
+                       "the other %d are read", path, len(skipped), skipped[0],
                        sum(len(w) for w in loras.values()))
     fingerprint = _fingerprint(loras)
     weights, rank, alpha = _common_rank(loras)
