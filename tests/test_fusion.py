@@ -112,9 +112,11 @@ def test_a_concept_with_feed_forward_lora_fuses(tmp_path, concepts):
     torch.testing.assert_close(sample(alone, ("<f1>", "<f2>")), sample(own_model(path), ("<f1>", "<f2>")),
                                rtol=1e-4, atol=1e-4)
     report = json.loads((run_fusion(tmp_path, [path, concepts[1]], name="mixed") / "fusion_report.json").read_text())
-    rows = {path: row for part in report["layers"].values() for path, row in part.items()}
-    feed_forward = [p for p in rows if ".ff.net." in p]
-    assert len(rows) == 8 + 56 + len(feed_forward) and feed_forward
+    rows = {layer: row for part in report["layers"].values() for layer, row in part.items()}
+    blocks = {layer.rsplit(".attn", 1)[0] for layer in rows if ".attn" in layer}
+    feed_forward = sorted(f"{block}.ff.net.{name}" for block in blocks for name in ("0.proj", "2"))
+    assert sorted(rows) == sorted([layer for layer in rows if ".ff.net." not in layer] + feed_forward)
+    assert len(rows) == 8 + 56 + len(feed_forward)
     assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows.values())
 
 
