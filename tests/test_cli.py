@@ -8,6 +8,7 @@ from PIL import Image
 from test_train import make_concept_folder
 
 from mixofshow.cli import main
+from mixofshow.concept_file import load_concept
 from mixofshow.testing import save_tiny_base
 
 
@@ -38,6 +39,17 @@ def test_train_inspect_sample(base, tmp_path, capsys):
     main(["--quiet", "sample", "--base", str(base), "--concept", str(out), "--scale", "0.7",
           "--prompt", "a <hina1> <hina2> near the sea", "--steps", "2", "--out", str(again)])
     assert image.read_bytes() == again.read_bytes(), "the same seed must give the same image"
+
+
+def test_train_with_feed_forward_lora(base, tmp_path):
+    data, masks = make_concept_folder(tmp_path)
+    out = tmp_path / "ff.safetensors"
+    code = main(["--quiet", "train", "--base", str(base), "--data", str(data), "--masks", str(masks), "--words",
+                 "<ff1>", "--steps", "1", "--resolution", "32", "--validation-steps", "0", "--unet-lora-layers",
+                 "attention_ff", "--out", str(out)])
+    assert code == 0
+    layers = load_concept(out).unet_lora
+    assert any(path.endswith(".ff.net.2") for path in layers) and any(".attn2." in path for path in layers)
 
 
 def test_sample_several_images_and_scheduler(base, tmp_path):
@@ -80,6 +92,8 @@ def test_sample_a_layout_with_its_preview(base, tmp_path, capsys):
         (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors", "--steps", "5",
           "--embedding-only-steps", "5"],
          "'embedding_only_steps' (5) must be below 'steps' (5)"),
+        (["train", "--base", "BASE", "--data", "/nowhere", "--out", "c.safetensors", "--unet-lora-layers", "all"],
+         "'unet_lora_layers' must be one of attention, cross_attention, attention_ff, got 'all'"),
     ],
 )
 def test_errors_are_one_clear_line(base, args, message, capsys, monkeypatch):

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--resolution", type=int)
     train.add_argument("--rank", type=int)
+    train.add_argument("--unet-lora-layers", help="UNet layers with LoRA: attention (official), cross_attention or "
+                                                  "attention_ff (attention and feed-forward)")
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     train.add_argument("--gradient-accumulation", type=int)
     train.add_argument("--gradient-checkpointing", action="store_true", default=None)
@@ -169,6 +171,7 @@ def run_train(args) -> None:
         "base": args.base, "data": args.data, "masks": args.masks, "mode": args.mode, "steps": args.steps,
         "embedding_only_steps": args.embedding_only_steps,
         "batch_size": args.batch_size, "resolution": args.resolution, "rank": args.rank,
+        "unet_lora_layers": args.unet_lora_layers,
         "mixed_precision": args.mixed_precision, "gradient_accumulation": args.gradient_accumulation,
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
         "validation_steps": args.validation_steps, "zoom_out_p": args.zoom_out_p, "seed": args.seed, "out": args.out,
