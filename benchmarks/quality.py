@@ -54,12 +54,14 @@ from mixofshow.demo import (
     fused_pipeline,
     image_size,
     load_toy_world,
+    region_details,
     sample_regions_alone,
     sample_targets,
     score_samples,
     tune_concept,
 )
 from mixofshow.lora import UNET_TARGET_PATTERNS
+from mixofshow.pipelines.detail import detail_regions
 from mixofshow.toyworld.concepts import FIRST_WORDS, Concept, get_concept, training_images
 from mixofshow.toyworld.evaluate import (
     HEADS,
@@ -135,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--isolate-regions", action="store_true",
                         help="also sample every layout with its regions kept apart in self-attention "
                              "(`RegionPrompts.isolate`): the 'binding, isolated' column")
+    parser.add_argument("--detail-strength", type=float, default=0.0,
+                        help="also finish every layout with a region detail pass of this strength (each region "
+                             "redrawn zoomed in with its own prompt, `detail_regions`): the 'binding, detailed' "
+                             "column (0: off)")
     parser.add_argument("--sketch", action="store_true",
                         help="draw every layout, and each region's object alone, under its sketch through the toy "
                              "world's sketch T2I-Adapter (regionally controllable sampling with a spatial condition)")
@@ -221,6 +227,8 @@ def print_per_seed(rows: list[dict], seeds: list[int]) -> None:
             text = _format(row["identity_ratio"], False)
             if not math.isnan(row["binding"]):
                 text += f" / {_format(row['binding'])}"
+            if not math.isnan(row["binding_detailed"]):
+                text += f" / {_format(row['binding_detailed'])} detailed"
             cells.setdefault((row["mode"], row["n"], row["method"]), {})[row["seed"]] = text
     print("Per seed: identity kept (/ regional binding)\n")
     print("| mode | n | method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |")
@@ -343,7 +351,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                          "per_concept": {name: summarize(own[name], ("identity",))["identity"] for name in names},
                          "identity_ratio": 1.0, "identity_strict_ratio": 1.0, "identity_p_ratio": 1.0,
                          "fidelity_ratio": 1.0, **own_binding, "regions_alone": own_binding["binding"],
-                         "binding_isolated": float("nan"),
+                         "binding_isolated": float("nan"), "binding_detailed": float("nan"),
                          "binding_ratio": _ratio(own_binding["binding"], own_binding["binding"]),
                          "binding_alone_ratio": _ratio(own_binding["binding"], own_binding["binding"])})
             for method in args.methods:
@@ -365,13 +373,18 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                     scores += concept_scores
                 summary = summarize(scores)
                 binding = {"binding": float("nan"), "binding_p": float("nan")}
-                regions_alone = isolated = float("nan")
+                regions_alone = isolated = detailed = float("nan")
                 if n in (2, 3):
                     layout = [composition_target(used[:n])]
                     images = sample_targets(pipe, layout, args.samples, regional=True, sketch=sketch,
                                             desc=f"{mode}, n={n}, {method}: regions", **sampling)
                     flat = [s for group in score_samples(classifier, images, layout) for s in group]
                     binding = binding_summary(flat, layout * len(images[0]))
+                    if args.detail_strength > 0:
+                        finished = [detail_regions(pipe, images[0], region_details(layout[0]), args.detail_strength,
+                                                   args.steps, args.guidance, seed=seed, progress=False)]
+                        detailed = summarize([s for group in score_samples(classifier, finished, layout)
+                                              for s in group], ("identity",))["identity"]
                     if args.isolate_regions:
                         images = sample_targets(pipe, layout, args.samples, regional=True, isolate=True,
                                                 sketch=sketch, desc=f"{mode}, n={n}, {method}: regions, isolated",
@@ -394,7 +407,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                              "identity_p_ratio": _ratio(summary["identity_p"], reference["identity_p"]),
                              "fidelity_ratio": _ratio(fidelity, own_fidelity), "binding": binding["binding"],
                              "binding_p": binding["binding_p"], "regions_alone": regions_alone,
-                             "binding_isolated": isolated,
+                             "binding_isolated": isolated, "binding_detailed": detailed,
                              "binding_ratio": _ratio(binding["binding"], own_binding["binding"]),
                              "binding_alone_ratio": _ratio(binding["binding"], regions_alone)})
     return rows
@@ -455,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     header = ["mode", "n", "method", *(c.replace("_", " ") for c in COLUMNS), "identity vs own",
               "identity vs own, pooled", "strict vs own",
               "identity p vs own", "fidelity vs own", "regional binding", "binding p", "binding vs own",
-              "regions alone", "binding vs alone"] + (["binding, isolated"] if args.isolate_regions else [])
+              "regions alone", "binding vs alone"] + (["binding, isolated"] if args.isolate_regions else []) \
+        + (["binding, detailed"] if args.detail_strength > 0 else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     table = seed_means(rows)
@@ -469,12 +483,16 @@ def main(argv: list[str] | None = None) -> None:
                  _cell(row, "binding_alone_ratio", False)]
         if args.isolate_regions:
             cells.append(_cell(row, "binding_isolated", True))
+        if args.detail_strength > 0:
+            cells.append(_cell(row, "binding_detailed", True))
         print("| " + " | ".join(cells) + " |")
     print("\nRegional binding of the own-models rows: the identity each concept's own model reaches drawing its "
           "region's object alone (same size, place, background and noise), the ceiling of binding; 'binding vs "
           "own' is the fused model's binding over it. 'regions alone': the row's model drawing each region's object "
           "alone (for the own models, the ceiling again); 'binding vs alone': what composing the regions in one "
-          "image keeps of it. 'binding, isolated': the binding with the regions also kept apart in self-attention.\n")
+          "image keeps of it. 'binding, isolated': the binding with the regions also kept apart in self-attention. "
+          "'binding, detailed': the same layouts after a region detail pass (each region redrawn from the window "
+          f"in which its object appears medium-sized, strength {args.detail_strength:g}; `region_details`).\n")
     if len(args.seeds) > 1:
         print_per_seed(rows, args.seeds)
     print_per_concept(rows)
@@ -489,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
             met = "met" if row["binding"] >= BINDING_GOAL else "NOT met"
             print(f"goal ({row['mode']}, {row['method']}): >= {BINDING_GOAL:.0%} regional binding with 3 concepts: "
                   f"{_cell(row, 'binding', True)} — {met}")
+            if args.detail_strength > 0:
+                met = "met" if row["binding_detailed"] >= BINDING_GOAL else "NOT met"
+                print(f"goal ({row['mode']}, {row['method']}), with the detail pass: "
+                      f"{_cell(row, 'binding_detailed', True)} — {met}")
 
 
 if __name__ == "__main__":

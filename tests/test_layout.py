@@ -127,6 +127,20 @@ def test_isolated_regions_round_trip_and_reach_the_region_prompts(folder):
     assert not RegionPrompts.from_layout(plain).isolate
 
 
+def test_detail_passes_round_trip_with_their_windows(folder):
+    document = valid_document()
+    document["regions"][0].update(detail_prompt="a <potter1> <potter2>, face close-up", detail_window=[8, 0, 40, 32])
+    document["regions"][1]["detail_prompt"] = "a <hermione1> <hermione2>, close-up"
+    layout = load_layout({**document, "detail_strength": 0.6}, base_dir=folder)
+    boxed, masked = layout.regions
+    assert boxed.detail_window == (8, 0, 40, 32) and masked.detail_window is None and layout.detail_strength == 0.6
+    assert masked.bounds(WIDTH, HEIGHT) == (40, 20, 56, 28)  # the mask's bounding box
+    assert load_layout(layout.to_dict()) == layout
+    plain = load_layout(valid_document(), base_dir=folder)
+    assert plain.detail_strength == Layout.detail_strength and "detail_strength" not in plain.to_dict()
+    assert all(r.detail_prompt is None for r in plain.regions)
+
+
 def test_to_dict_is_plain_data(folder):
     data = load_layout(valid_document(), base_dir=folder).to_dict()
     assert data["regions"][0]["box"] == [8, 8, 40, 24]
@@ -254,6 +268,19 @@ BAD = {
     "adapter weight negative": (_set(["regions", 1, "adapter_weight"], -0.5), "regions[1].adapter_weight"),
     "adapter weight nan": (_set(["regions", 1, "adapter_weight"], math.nan), "regions[1].adapter_weight"),
     "adapter weight a string": (_set(["regions", 1, "adapter_weight"], "high"), "regions[1].adapter_weight"),
+    "detail prompt empty": (_set(["regions", 0, "detail_prompt"], " "), "regions[0].detail_prompt must not be empty"),
+    "detail prompt a number": (_set(["regions", 0, "detail_prompt"], 3), "regions[0].detail_prompt must be a string"),
+    "detail window alone": (_set(["regions", 0, "detail_window"], [8, 0, 40, 32]),
+                            "regions[0].detail_window needs a detail_prompt"),
+    "detail window not square": (lambda d: _set(["regions", 0, "detail_window"], [8, 0, 40, 24])(
+        _set(["regions", 0, "detail_prompt"], "a face")(d)), "is 32 x 24 pixels: make it square"),
+    "detail window elsewhere": (lambda d: _set(["regions", 0, "detail_window"], [44, 24, 64, 44])(
+        _set(["regions", 0, "detail_prompt"], "a face")(d)), "does not overlap the region ([8, 8, 40, 24])"),
+    "detail window outside": (lambda d: _set(["regions", 0, "detail_window"], [40, 0, 72, 32])(
+        _set(["regions", 0, "detail_prompt"], "a face")(d)), "regions[0].detail_window [40, 0, 72, 32] lies outside"),
+    "detail strength zero": (_set(["detail_strength"], 0), "detail_strength must be in (0, 1]"),
+    "detail strength above one": (_set(["detail_strength"], 1.5), "detail_strength must be in (0, 1]"),
+    "detail strength a string": (_set(["detail_strength"], "high"), "detail_strength must be a number"),
     "conditions not a list": (_set(["conditions"], "pose.png"), "conditions must be a list"),
     "condition type unknown": (_set(["conditions", 0, "type"], "pose"), "conditions[0].type 'pose' is not a known"),
     "condition model missing": (_drop(["conditions", 0, "model"]), "conditions[0].model is missing"),

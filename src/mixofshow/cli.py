@@ -207,7 +207,7 @@ def run_sample(args) -> None:
     texts = [args.prompt, args.negative_prompt]
     if layout:
         texts = [layout.prompt, layout.negative_prompt, *(r.prompt for r in layout.regions),
-                 *layout.region_negative_prompts()]
+                 *layout.region_negative_prompts(), *(r.detail_prompt for r in layout.regions if r.detail_prompt)]
     device, dtype = _device_and_dtype(args)
     pipe = load_sampling_pipeline(args.model, args.base, args.concept, args.scale, device, dtype, texts)
     if args.scheduler:

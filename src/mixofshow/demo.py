@@ -35,6 +35,7 @@ from .errors import MixOfShowError
 from .fusion.fuse import fuse
 from .models import load_base_components
 from .pipelines import MixOfShowPipeline
+from .pipelines.detail import RegionDetail, detail_regions
 from .pipelines.regional import RegionPrompts, SpatialCondition
 from .tokenizer import load_clip_tokenizer
 from .toyworld.classifier import CLASSIFIER_FILE, load_classifier
@@ -52,6 +53,7 @@ from .toyworld.evaluate import (
     summarize,
 )
 from .toyworld.models import toyworld_asset_folder, vae_factor
+from .toyworld.render import Scene, nearest_place, object_geometry
 from .toyworld.sketch import sketch_tensor
 from .train import train
 
@@ -338,6 +340,24 @@ def region_prompts(target: Target, size: int, isolate: bool = False) -> RegionPr
     return RegionPrompts(prompts, [""] * len(prompts), masks, isolate=isolate)
 
 
+def region_details(target: Target) -> list[RegionDetail]:
+    """A composition target's regions as detail passes: each object's column band, redrawn from the square window
+    around the object in which it appears at medium size (a small object zoomed in about 1.45x; a medium or large
+    one: the whole image), with the prompt that describes what the window shows in the world's own words: the
+    object, medium-sized, at the column and row nearest to where it sits in the window."""
+    details = []
+    for index, (obj, box) in enumerate(zip(target.scene.objects, target.regions)):
+        x, y, radius = object_geometry(obj)
+        side = min(1.0, radius / object_geometry(dataclasses.replace(obj, size="medium"))[2])
+        left = min(max(x - side / 2, 0.0), 1.0 - side)
+        top = min(max(y - side / 2, 0.0), 1.0 - side)
+        column, row = nearest_place((x - left) / side, (y - top) / side)
+        close_up = dataclasses.replace(obj, column=column, row=row, size="medium", offset=(0.0, 0.0))
+        prompt = Target(Scene(target.scene.background, (close_up,)), (target.concepts[index],)).prompt()
+        details.append(RegionDetail(box, prompt, window=(left, top, left + side, top + side)))
+    return details
+
+
 @dataclass(frozen=True)
 class Sketch:
     """A sketch T2I-Adapter (`toyworld.sketch`) and its weight: each target is drawn under its scene's outlines."""
@@ -351,8 +371,8 @@ class Sketch:
 
 def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: int, steps: int, guidance: float,
                    seed: int = 0, regional: bool = False, isolate: bool = False, batch_size: int = 16,
-                   progress: bool = True, desc: str = "sampling", sketch: Sketch | None = None
-                   ) -> list[list[Image.Image]]:
+                   progress: bool = True, desc: str = "sampling", sketch: Sketch | None = None,
+                   detail_strength: float = 0.0) -> list[list[Image.Image]]:
     """`samples` images of each target's prompt; image k of target i starts from the noise of seed
     `seed + 1000 i + k`, whatever the model, so models are compared on the same noise.
 
@@ -370,6 +390,8 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
         desc: Its label.
         sketch: Draw every image under its target's sketch (`Sketch`), as regionally controllable sampling does
             with a spatial condition.
+        detail_strength: With `regional`, finish every region with a detail pass of this strength
+            (`region_details`, `detail_regions`; its noise from the chunk's first seed); 0 = none.
 
     Returns:
         Per target, its images.
@@ -389,6 +411,10 @@ def sample_targets(pipe: MixOfShowPipeline, targets: Sequence[Target], samples: 
             conditions = [sketch.condition(targets[chunk[0][0]], size)] if sketch is not None else []
             out = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                        latents=latents, progress=False, regions=regions, conditions=conditions).images
+            if regional and detail_strength > 0:
+                i, k = chunk[0]
+                out = detail_regions(pipe, out, region_details(targets[i]), detail_strength, steps, guidance,
+                                     seed=seed + 1000 * i + k, progress=False)
             for (i, _), image in zip(chunk, out):
                 images[i].append(image)
             bar.update(len(chunk))

@@ -12,12 +12,17 @@ A layout is a YAML/JSON file (or a dict) checked completely by `load_layout` bef
       - {type: keypose, model: TencentARC/t2iadapter_openpose_sd14v1, image: pose.png}
     isolate_regions: true     # optional: regions kept apart in self-attention too (default false, as officially)
 
+A region with a `detail_prompt` is finished by a detail pass after sampling (`pipelines.detail`): a square window
+around it (`detail_window`, default the smallest square holding the region) redrawn zoomed in with that prompt alone
+at `detail_strength`, against identity bleed between neighbours.
+
 `layout_from_official` reads the official Mix-of-Show `prompt_rewrite` string (without `eval`), and
 `draw_layout_preview` draws a layout so it can be checked before spending GPU time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -43,8 +48,8 @@ MAX_SIZE = 16384  # largest width/height accepted, in pixels
 MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2**64)
 
 LAYOUT_KEYS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "scheduler", "regions",
-               "conditions", "isolate_regions")
-REGION_KEYS = ("prompt", "negative_prompt", "box", "mask", "adapter_weight")
+               "conditions", "isolate_regions", "detail_strength")
+REGION_KEYS = ("prompt", "negative_prompt", "box", "mask", "adapter_weight", "detail_prompt", "detail_window")
 CONDITION_KEYS = ("type", "model", "image", "weight")
 
 
@@ -58,6 +63,18 @@ class Region:
                                                   default=None)
     mask: str | None = _help("path of a width x height grayscale image, white (> 127) = the region", default=None)
     adapter_weight: float = _help("weight of the spatial conditions inside this region", default=1.0)
+    detail_prompt: str | None = _help("what the region shows close up: redrawn zoomed in with this prompt after "
+                                      "sampling (None: no detail pass)", default=None)
+    detail_window: tuple[int, int, int, int] | None = _help("[x0, y0, x1, y1] in pixels, square: the window the "
+                                                            "detail pass redraws (None: the smallest square holding "
+                                                            "the region)", default=None)
+
+    def bounds(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The region's box, or its mask's bounding box, in pixels [x0, y0, x1, y1)."""
+        if self.box is not None:
+            return self.box
+        ys, xs = np.nonzero(_read_mask(Path(self.mask), width, height, "mask"))
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,8 @@ class Layout:
     conditions: tuple[Condition, ...] = _help("spatial conditions", default=())
     isolate_regions: bool = _help("keep the regions apart in self-attention too, against one subject's features "
                                   "bleeding into a neighbour's (not in the official method)", default=False)
+    detail_strength: float = _help("how much of each detail window is redrawn (the share of the steps run again), "
+                                   "for regions with a detail_prompt", default=0.85)
 
     def region_masks(self) -> torch.Tensor:
         """The regions as masks: 1 inside each region, 0 elsewhere.
@@ -128,12 +147,18 @@ class Layout:
             else:
                 entry["mask"] = region.mask
             entry["adapter_weight"] = region.adapter_weight
+            if region.detail_prompt is not None:
+                entry["detail_prompt"] = region.detail_prompt
+            if region.detail_window is not None:
+                entry["detail_window"] = list(region.detail_window)
             regions.append(entry)
         data["regions"] = regions
         data["conditions"] = [{"type": c.type, "model": c.model, "image": c.image, "weight": c.weight}
                               for c in self.conditions]
         if self.isolate_regions:
             data["isolate_regions"] = True
+        if any(region.detail_prompt is not None for region in self.regions):
+            data["detail_strength"] = self.detail_strength
         return data
 
     def dumps(self, json_format: bool = False) -> str:
@@ -354,7 +379,25 @@ def _region(value, where: str, width: int, height: int, base: Path, units: str) 
         _read_mask(path, width, height, _join(where, "mask"))
         mask = str(path)
     weight = _number(data.get("adapter_weight", 1.0), _join(where, "adapter_weight"))
-    return Region(prompt=prompt, negative_prompt=negative, box=box, mask=mask, adapter_weight=weight)
+    region = Region(prompt=prompt, negative_prompt=negative, box=box, mask=mask, adapter_weight=weight)
+    detail = data.get("detail_prompt")
+    if detail is None:
+        if data.get("detail_window") is not None:
+            raise MixOfShowError(f"{_join(where, 'detail_window')} needs a detail_prompt (what the window shows)")
+        return region
+    detail = _string(detail, _join(where, "detail_prompt"), allow_empty=False)
+    window = None
+    if data.get("detail_window") is not None:
+        where_window = _join(where, "detail_window")
+        window = _box(data["detail_window"], where_window, width, height, units)
+        x0, y0, x1, y1 = window
+        if abs((x1 - x0) - (y1 - y0)) > 1:
+            raise MixOfShowError(f"{where_window} is {x1 - x0} x {y1 - y0} pixels: make it square (it is scaled to "
+                                 "the model's square size)")
+        bx0, by0, bx1, by1 = region.bounds(width, height)
+        if bx0 >= x1 or bx1 <= x0 or by0 >= y1 or by1 <= y0:
+            raise MixOfShowError(f"{where_window} {list(window)} does not overlap the region ({[bx0, by0, bx1, by1]})")
+    return dataclasses.replace(region, detail_prompt=detail, detail_window=window)
 
 
 def _condition(value, where: str, width: int, height: int, base: Path) -> Condition:
@@ -414,9 +457,12 @@ def _layout_from_document(data, base: Path, units: str = "auto") -> Layout:
     isolate = data.get("isolate_regions", False)
     if not isinstance(isolate, bool):
         raise MixOfShowError(f"isolate_regions must be true or false, got {_show(isolate)}")
+    strength = _number(data.get("detail_strength", Layout.detail_strength), "detail_strength")
+    if not 0 < strength <= 1:
+        raise MixOfShowError(f"detail_strength must be in (0, 1] (the share of the steps run again), got {strength}")
     return Layout(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
                   guidance=guidance, seed=seed, scheduler=scheduler, regions=regions, conditions=conditions,
-                  isolate_regions=isolate)
+                  isolate_regions=isolate, detail_strength=strength)
 
 
 def load_layout(source: str | Path | dict, base_dir: str | Path | None = None) -> Layout:

@@ -28,6 +28,7 @@ from ..layout import Layout
 from ..lora import activate, align_module_paths, check_lora_shapes, load_lora, lora_layers, set_lora_scale
 from ..models import load_base_components
 from ..tokens import ConceptVocabulary, encode_layerwise
+from .detail import detail_regions, layout_details
 from .regional import ConditionResiduals, RegionPrompts, SpatialCondition, load_spatial_conditions
 
 logger = logging.getLogger(__name__)
@@ -265,7 +266,9 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             num_images: images to sample.
             output_type: "pil", "np", "pt" or "latent".
             progress: show a progress bar.
-            callback_on_step_end: called after each denoising step, as in `__call__`.
+            callback_on_step_end: called after each denoising step, as in `__call__` (not in detail passes).
+
+        Regions with a `detail_prompt` are then finished by a detail pass each (`detail_regions`).
         """
         regions = RegionPrompts.from_layout(layout)
         self.check_sampling_inputs([layout.prompt], [layout.negative_prompt], layout.height, layout.width,
@@ -274,12 +277,22 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             self.use_scheduler(layout.scheduler)
         if conditions is None:
             conditions = load_spatial_conditions(layout, self.unet.dtype)
+        details = layout_details(layout)
+        if details and output_type != "pil":
+            raise MixOfShowError(f"the layout's detail passes finish PIL images; ask for output_type 'pil', not "
+                                 f"{output_type!r}")
+        for detail in details:
+            self.check_prompt_text("a detail_prompt", detail.prompt)
         for condition in conditions:
             condition.model.to(self._execution_device)
-        return self(layout.prompt, layout.negative_prompt, height=layout.height, width=layout.width,
-                    num_inference_steps=layout.steps, guidance_scale=layout.guidance, seed=layout.seed,
-                    num_images_per_prompt=num_images, output_type=output_type, progress=progress, regions=regions,
-                    conditions=conditions, callback_on_step_end=callback_on_step_end)
+        output = self(layout.prompt, layout.negative_prompt, height=layout.height, width=layout.width,
+                      num_inference_steps=layout.steps, guidance_scale=layout.guidance, seed=layout.seed,
+                      num_images_per_prompt=num_images, output_type=output_type, progress=progress, regions=regions,
+                      conditions=conditions, callback_on_step_end=callback_on_step_end)
+        if details:
+            output.images = detail_regions(self, output.images, details, layout.detail_strength, layout.steps,
+                                           layout.guidance, seed=layout.seed or 0, progress=progress)
+        return output
 
     @torch.no_grad()
     def __call__(

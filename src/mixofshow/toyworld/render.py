@@ -177,6 +177,18 @@ def _centre(obj: ToyObject, side: int) -> tuple[float, float, float]:
     return cx * side, cy * side, r * side
 
 
+def object_geometry(obj: ToyObject) -> tuple[float, float, float]:
+    """The object's centre (x, y) and radius as fractions of the image's side, where `render` draws it."""
+    return _centre(obj, 1)
+
+
+def nearest_place(x: float, y: float) -> tuple[str, str]:
+    """The (column, row) whose nominal centre is nearest to (x, y), fractions of the side."""
+    column = min(COLUMNS, key=lambda c: abs(_COLUMN_X[c] - x))
+    row = min(ROWS, key=lambda r: abs(_ROW_Y[r] - y))
+    return column, row
+
+
 def _ink(colour: str) -> tuple[int, int, int]:
     return _DARK_INK if colour in _LIGHT_COLOURS else _LIGHT_INK
 
