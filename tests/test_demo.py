@@ -248,7 +248,8 @@ def test_shipped_classifier_scores_rendered_ground_truth():
 
 def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["--quiet", "demo", "--fast", "--base", str(toy_folder), "--out", str(out)]) == 0
+    assert cli.main(["--quiet", "demo", "--fast", "--base", str(toy_folder), "--out", str(out),
+                     "--detail-strength", "0.85"]) == 0
     assert "identity" in capsys.readouterr().out
 
     page = (out / "index.html").read_text()
@@ -260,7 +261,9 @@ def test_demo_fast_writes_the_report(toy_folder, tmp_path, capsys):
         assert (out / source).is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["single_concept"]) == {"own model", "weight fusion", "gradient fusion"}
-    assert set(metrics["composition"]) == {REGIONS_ALONE, "weight fusion", "gradient fusion"}
+    assert set(metrics["composition"]) == {REGIONS_ALONE, "weight fusion", "gradient fusion",
+                                           "weight fusion, detailed", "gradient fusion, detailed"}
+    assert "detail pass" in page
     assert 0.0 <= metrics["composition"][REGIONS_ALONE]["binding"] <= 1.0
     assert metrics["composition"][REGIONS_ALONE]["all_bound"] is None  # undefined for single objects
     json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
@@ -341,6 +344,15 @@ def test_demo_config_checks_its_fields():
     with pytest.raises(ValueError, match="unknown toy concept"):
         DemoConfig(out="x", concepts=("pip", "nova", "nobody"))
     assert DemoConfig.fast("x").tuning.steps < DemoConfig("x").tuning.steps
+    with pytest.raises(ValueError, match="detail_strength 1.5 must be from 0"):
+        DemoConfig(out="x", detail_strength=1.5)
+    assert DemoConfig("x").detail_strength == 0.0  # off: it lowers binding with the default concepts
+
+
+def test_demo_refuses_a_bad_detail_strength_before_any_work(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path / "out"), "--detail-strength", "-1"]) == 2
+    assert "detail_strength -1.0 must be from 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_grid_outlines_found_objects():

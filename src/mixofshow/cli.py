@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="a few steps at tiny sizes (checks it end to end)")
     demo.add_argument("--base", help="a toy-world folder from scripts/train_toyworld.py (default: the bundled one)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the rendered data, the tuning and the sampling")
+    demo.add_argument("--detail-strength", type=float, default=0.0,
+                      help="also show the compositions after a region detail pass of this strength, e.g. 0.85 "
+                           "(default 0: not)")
 
     studio = commands.add_parser("studio", help="a local web page to draw a layout's regions, sample and download it")
     _add_model_flags(studio)
@@ -347,7 +350,12 @@ def run_demo(args) -> None:
 
     make = DemoConfig.fast if args.fast else DemoConfig
     tuning = dataclasses.replace(make(out=args.out).tuning, seed=args.seed)
-    report = run_demo(make(out=args.out, base=args.base, seed=args.seed, tuning=tuning), progress=not args.quiet)
+    try:
+        config = make(out=args.out, base=args.base, seed=args.seed, tuning=tuning,
+                      detail_strength=args.detail_strength)
+    except ValueError as error:
+        raise MixOfShowError(f"demo: {error}") from None
+    report = run_demo(config, progress=not args.quiet)
     print(summary_line(report.with_name(METRICS_FILE)))
     print(f"wrote {report}")
 

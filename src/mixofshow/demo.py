@@ -135,8 +135,13 @@ class DemoConfig:
     fusion_steps: int = field(default=20, metadata={"help": "steps of each concept's sampling run in gradient "
                                                            "fusion"})
     seed: int = field(default=0, metadata={"help": "seeds the sampling noise"})
+    # Off by default: with the toy default's attention-only concepts the pass lowers binding (session 19)
+    detail_strength: float = field(default=0.0, metadata={"help": "also show the compositions after a region detail "
+                                                                  "pass of this strength (0: not)"})
 
     def __post_init__(self) -> None:
+        if not 0 <= self.detail_strength <= 1:
+            raise ValueError(f"detail_strength {self.detail_strength!r} must be from 0 (no detail pass) to 1.")
         if len(self.concepts) != 3:
             raise ValueError(f"concepts {self.concepts!r}: the demo tunes exactly three concepts.")
         for name in self.concepts:
@@ -572,10 +577,16 @@ def run_demo(config: DemoConfig, progress: bool = True) -> Path:
                                              **sampling)
         regional.append(Evaluation(REGIONS_ALONE, alone, images, score_samples(classifier, images, alone)))
         for method, folder in fused.items():
-            images = sample_targets(fused_pipeline(folder), composition, config.composition_samples,
-                                    regional=True, desc=f"{method} fusion, regions", **sampling)
+            pipe = fused_pipeline(folder)
+            images = sample_targets(pipe, composition, config.composition_samples, regional=True,
+                                    desc=f"{method} fusion, regions", **sampling)
             regional.append(Evaluation(f"{method} fusion", composition, images,
                                        score_samples(classifier, images, composition)))
+            if config.detail_strength > 0:
+                images = [detail_regions(pipe, images[0], region_details(composition[0]), config.detail_strength,
+                                         config.steps, config.guidance, seed=config.seed, progress=progress)]
+                regional.append(Evaluation(f"{method} fusion, detailed", composition, images,
+                                           score_samples(classifier, images, composition)))
 
     # 7. The report
     timings["total"] = time.perf_counter() - started
@@ -695,7 +706,9 @@ def write_report(out: Path, config: DemoConfig, base: Path, concepts: Sequence[C
                      "prompt. <i>binding</i>: the region holds its own concept; <i>all bound</i>: every region of the "
                      "image does; <i>swapped</i>: a region holds another region's concept. The first row is the "
                      "ceiling: each region's object alone (same size, place, background and noise), drawn by its "
-                     "concept's own model.</p>")
+                     "concept's own model. <i>detailed</i>: the same images after a region detail pass (each region "
+                     "redrawn from a window in which its object looks medium-sized, with that object's prompt "
+                     f"alone, strength {config.detail_strength:g}).</p>")
         parts.append(_table(["model", "binding", "all bound", "swapped", "position"], rows))
         for evaluation in regional:
             grid = _save_grid(out, "regions-" + evaluation.model.replace(",", "").replace(" ", "-"), evaluation, 3)
