@@ -55,10 +55,9 @@ def layout_details(layout) -> list[RegionDetail]:
         return box[0] / layout.width, box[1] / layout.height, box[2] / layout.width, box[3] / layout.height
 
     details = []
-    for region in layout.regions:
+    for region, negative in zip(layout.regions, layout.region_negative_prompts()):
         if region.detail_prompt is None:
             continue
-        negative = layout.negative_prompt if region.negative_prompt is None else region.negative_prompt
         window = None if region.detail_window is None else fraction(region.detail_window)
         details.append(RegionDetail(fraction(region.bounds(layout.width, layout.height)), region.detail_prompt,
                                     negative, window))
@@ -147,10 +146,9 @@ def detail_regions(pipe, images: Sequence[Image.Image], details: Sequence[Region
     for index, (detail, (left, top, side)) in enumerate(tqdm(list(zip(details, windows)), desc="detail pass",
                                                             unit="region", disable=not progress)):
         crop = pixels[:, :, top:top + side, left:left + side]
-        zoomed = F.interpolate(crop.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-        redrawn = _redraw(pipe, zoomed.to(dtype), detail, strength, num_inference_steps, guidance_scale,
-                          seed + index)
-        back = F.interpolate(redrawn.float(), size=(side, side), mode="area").to(dtype)
+        zoomed = _resize(crop, size)
+        redrawn = _redraw(pipe, zoomed, detail, strength, num_inference_steps, guidance_scale, seed + index)
+        back = _resize(redrawn, side)
         x0, y0, x1, y1 = _pixels(detail.box, width, height)
         inside = torch.zeros(1, 1, side, side, device=device, dtype=dtype)
         inside[..., max(y0 - top, 0):min(y1 - top, side), max(x0 - left, 0):min(x1 - left, side)] = 1
@@ -158,6 +156,16 @@ def detail_regions(pipe, images: Sequence[Image.Image], details: Sequence[Region
         pixels[:, :, top:top + side, left:left + side] = inside * back + (1 - inside) * window
         logger.debug("detail pass: region %d of %d images redrawn", index, batch)
     return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def _resize(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """`(B, 3, S, S)` pixels in [-1, 1] scaled to `side`: bicubic when growing, area-averaged when shrinking."""
+    if pixels.shape[-1] == side:
+        return pixels
+    growing = side > pixels.shape[-1]
+    out = F.interpolate(pixels.float(), size=(side, side), mode="bicubic" if growing else "area",
+                        align_corners=False if growing else None)
+    return out.clamp(-1, 1).to(pixels.dtype)
 
 
 def _redraw(pipe, zoomed: torch.Tensor, detail: RegionDetail, strength: float, steps: int, guidance: float,
