@@ -361,6 +361,17 @@ def _box(value, where: str, width: int, height: int, units: str = "auto") -> tup
 # Checking a whole document.
 
 
+def check_detail_window(window: tuple[int, int, int, int], region: tuple[int, int, int, int], where: str) -> None:
+    """Raise unless a detail window (pixels) is square, within a pixel, and overlaps its region's box (pixels)."""
+    x0, y0, x1, y1 = window
+    if abs((x1 - x0) - (y1 - y0)) > 1:
+        raise MixOfShowError(f"{where} {list(window)} is {x1 - x0} x {y1 - y0} pixels: make it square (it is scaled "
+                             "to the model's square size)")
+    rx0, ry0, rx1, ry1 = region
+    if rx0 >= x1 or rx1 <= x0 or ry0 >= y1 or ry1 <= y0:
+        raise MixOfShowError(f"{where} {list(window)} does not overlap the region ({list(region)})")
+
+
 def _region(value, where: str, width: int, height: int, base: Path, units: str) -> Region:
     data = _mapping(value, where, REGION_KEYS, required=("prompt",))
     prompt = _string(data["prompt"], _join(where, "prompt"), allow_empty=False)
@@ -390,13 +401,7 @@ def _region(value, where: str, width: int, height: int, base: Path, units: str) 
     if data.get("detail_window") is not None:
         where_window = _join(where, "detail_window")
         window = _box(data["detail_window"], where_window, width, height, units)
-        x0, y0, x1, y1 = window
-        if abs((x1 - x0) - (y1 - y0)) > 1:
-            raise MixOfShowError(f"{where_window} is {x1 - x0} x {y1 - y0} pixels: make it square (it is scaled to "
-                                 "the model's square size)")
-        bx0, by0, bx1, by1 = region.bounds(width, height)
-        if bx0 >= x1 or bx1 <= x0 or by0 >= y1 or by1 <= y0:
-            raise MixOfShowError(f"{where_window} {list(window)} does not overlap the region ({[bx0, by0, bx1, by1]})")
+        check_detail_window(window, region.bounds(width, height), where_window)
     return dataclasses.replace(region, detail_prompt=detail, detail_window=window)
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import MixOfShowError
+from ..layout import check_detail_window
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +98,7 @@ def detail_windows(details: Sequence[RegionDetail], width: int, height: int) -> 
             continue
         _check_box(detail.window, f"{where}.window")
         left, top, right, bottom = _pixels(detail.window, width, height)
-        if abs((right - left) - (bottom - top)) > 1:
-            raise MixOfShowError(f"{where}.window is {right - left}x{bottom - top} pixels: make it square (it is "
-                                 "scaled to the model's square size)")
-        x0, y0, x1, y1 = _pixels(detail.box, width, height)
-        if x0 >= right or x1 <= left or y0 >= bottom or y1 <= top:
-            raise MixOfShowError(f"{where}.box {detail.box!r} does not overlap its window {detail.window!r}")
+        check_detail_window((left, top, right, bottom), _pixels(detail.box, width, height), f"{where}.window")
         side = min(right - left, bottom - top)
         windows.append((left, top, side))
     return windows
