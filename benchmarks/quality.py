@@ -42,6 +42,7 @@ import torch
 
 from mixofshow.concept_file import fingerprint
 from mixofshow.demo import (
+    TOY_FUSION_BACKGROUND_WEIGHT,
     TOY_FUSION_BOOST_FROM,
     TOY_FUSION_PROMPTS,
     TOY_FUSION_RCOND,
@@ -120,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=range(1, len(TOY_STATISTICS_PROMPTS) + 1), metavar="N",
                         help=f"prompts of each concept's statistics sampling run: the first N of the toy's "
                              f"{len(TOY_STATISTICS_PROMPTS)}")
+    parser.add_argument("--fusion-background-weight", type=float, default=TOY_FUSION_BACKGROUND_WEIGHT,
+                        help="weight of the statistics rows away from each concept (where its words are not "
+                             "attended; `FuseConfig.background_weight`, 1: all rows alike)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -359,7 +363,7 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 out = fuse_concepts([files[name] for name in names], base, components,
                                     work / "fused" / f"{mode}-{n}-{method}-seed{seed}", method, args.fusion_steps,
                                     args.guidance, progress, args.rcond, args.fusion_unet_scale,
-                                    TOY_STATISTICS_PROMPTS[:args.fusion_prompts])
+                                    TOY_STATISTICS_PROMPTS[:args.fusion_prompts], args.fusion_background_weight)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
                 pipe = fused_pipeline(out).to(args.device)
@@ -457,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.tune_unet_lora_layers}, learning rates "
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
-          f"UNet LoRA scale {scale_note}, {args.fusion_prompts} statistics prompt(s); "
+          f"UNet LoRA scale {scale_note}, {args.fusion_prompts} statistics prompt(s), background rows weighted "
+          f"{args.fusion_background_weight:g}; "
           f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}{sketch_note}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "

@@ -120,6 +120,34 @@ def test_a_concept_with_feed_forward_lora_fuses(tmp_path, concepts):
     assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows.values())
 
 
+def test_background_weighted_statistics_fuse_exactly_alone_and_change_a_shared_fusion(tmp_path, concepts):
+    # rows weighted by where the concept words are attended: one concept is still exactly its model; two concepts
+    # get another least-squares compromise, never worse than the base on its own (weighted) objective
+    alone = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts[:1], name="alone", background_weight=0.1))
+    torch.testing.assert_close(sample(alone, WORDS[0]), sample(own_model(concepts[0]), WORDS[0]),
+                               rtol=1e-4, atol=1e-4)
+    plain = run_fusion(tmp_path, concepts[:2], name="plain")
+    weighted = run_fusion(tmp_path, concepts[:2], name="weighted", background_weight=0.1)
+    rows = [row for part in json.loads((weighted / "fusion_report.json").read_text())["layers"].values()
+            for row in part.values()]
+    assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows)
+    spatial = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    text = "encoder.layers.0.self_attn.q_proj.weight"
+    def weights(folder, part):
+        return load_file(next((folder / part).glob("*.safetensors")))
+
+    assert not torch.allclose(weights(plain, "unet")[spatial], weights(weighted, "unet")[spatial])
+    # the text side has no positions to weight
+    torch.testing.assert_close(weights(plain, "text_encoder")[text], weights(weighted, "text_encoder")[text])
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, float("nan")])
+def test_background_weight_outside_zero_to_one_is_refused(tmp_path, concepts, value):
+    with pytest.raises(MixOfShowError, match="background_weight"):
+        load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out=str(tmp_path / "o"),
+                         background_weight=value)
+
+
 def test_fused_folder_loads_in_diffusers_and_knows_its_concepts(tmp_path, concepts):
     out = run_fusion(tmp_path, concepts[:2])
     plain = StableDiffusionPipeline.from_pretrained(out)
@@ -151,6 +179,17 @@ def test_statistics_for_another_scale_are_refused(tmp_path, concepts):
                               base="tiny", out=str(tmp_path / "x"))
     with pytest.raises(MixOfShowError, match="unet_scale"):
         fuse(config, components=tiny_components(), progress=False)
+
+
+def test_statistics_with_another_background_weight_are_refused(tmp_path, concepts):
+    stats = compute_statistics(load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out="unused",
+                                                background_weight=0.5),
+                               tmp_path / "s.safetensors", components=tiny_components())
+    config = load_fuse_config(None, concepts=[{"path": str(concepts[0]), "stats": str(stats)}], base="tiny",
+                              out=str(tmp_path / "x"))
+    with pytest.raises(MixOfShowError, match="background_weight 0.5"):
+        fuse(config, components=tiny_components(), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_colliding_words_are_renamed(tmp_path, concepts, caplog):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
+from mixofshow.attention import AttentionMapRecorder
 from mixofshow.concept_file import ConceptFile, fingerprint, save_concept
 from mixofshow.errors import MixOfShowError
 from mixofshow.lora import TEXT_ENCODER_TARGETS, UNET_TARGET_PATTERN, add_lora, lora_layers
@@ -83,6 +84,18 @@ def test_concept_loads(concept_path):
     out = sample(pipe, CONCEPT_PROMPT)
     assert out.shape == (1, 4, 16, 16)
     assert torch.isfinite(out).all()
+
+
+def test_recording_attention_keeps_each_layers_maps_while_open(concept_path):
+    pipe = new_pipeline()
+    pipe.load_concept(concept_path)
+    recorder = AttentionMapRecorder(torch.tensor([[4], [4]]))  # [negative; prompt], the word's position
+    with pipe.recording_attention(recorder):
+        recorded = sample(pipe, CONCEPT_PROMPT)
+    assert len(recorder.maps) == 2 * NUM_LAYERS  # two steps, every cross-attention layer
+    assert {m.shape[0] for m in recorder.maps} == {2} and {m.shape[1] for m in recorder.maps} > {16 * 16}
+    torch.testing.assert_close(recorded, sample(pipe, CONCEPT_PROMPT), atol=1e-4, rtol=1e-4)  # (explicit softmax)
+    assert len(recorder.maps) == 2 * NUM_LAYERS  # nothing recorded after the block
 
 
 def test_scale_zero_without_concept_words_is_the_base_model(concept_path):

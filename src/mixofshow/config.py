@@ -244,6 +244,9 @@ class FuseConfig:
     sampling_seed: int = _help("seed of the sampling run", default=0)
     guided_weight: float = _help("weight of the guidance-combined rows u + s(c - u) in the statistics (0 = the "
                                  "paper's objective; see fusion.stats.Guidance)", default=100.0)
+    background_weight: float = _help("weight of the UNet statistics rows where the concept's words are not attended "
+                                     "in its sampling run, against 1 where they are most (a sampling run more per "
+                                     "concept); 1 = every position alike, as in the paper", default=1.0)
     prior_prompts: tuple[str, ...] = _help("generic prompts whose base-model behaviour fusion should keep",
                                            default=())
     prior_weight: float = _help("weight of that prior (0 = off, as in the paper)", default=0.0)
@@ -298,6 +301,8 @@ def validate_fuse_config(config: FuseConfig) -> None:
     """Raise for values that type-check but make no sense."""
     if not config.concepts:
         raise MixOfShowError("no concepts to fuse: give at least one concept file")
+    if not 0 < config.background_weight <= 1:
+        raise MixOfShowError(f"field 'background_weight' must be in (0, 1], got {config.background_weight}")
     if config.method not in FUSION_METHODS:
         raise MixOfShowError(f"field 'method' must be one of {', '.join(FUSION_METHODS)}, got {config.method!r}")
     for template in config.text_templates + config.sampling_templates:

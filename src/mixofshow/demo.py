@@ -279,11 +279,15 @@ TOY_STATISTICS_PROMPTS = (
 )
 TOY_FUSION_PROMPTS = 4
 
+# Weight of the statistics rows away from the concept (`FuseConfig.background_weight`); 1.0: all rows alike.
+TOY_FUSION_BACKGROUND_WEIGHT = 1.0
+
 
 def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dict, out: str | Path, method: str,
                   sampling_steps: int = 20, guidance: float = 5.0, progress: bool = True,
                   rcond: float = TOY_FUSION_RCOND, unet_scale: float | None = None,
-                  sampling_templates: Sequence[str] = TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS]) -> Path:
+                  sampling_templates: Sequence[str] = TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS],
+                  background_weight: float = TOY_FUSION_BACKGROUND_WEIGHT) -> Path:
     """Fuse concept files into one model folder with toy-world prompts for the statistics.
 
     Args:
@@ -299,6 +303,7 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
         unet_scale: Every concept's UNet LoRA scale in the fusion (`ConceptSpec.unet_scale`, official `unet_alpha`);
             None: `toy_fusion_unet_scale` of the number of files.
         sampling_templates: Prompts of each concept's statistics sampling run, `{}` = the concept words.
+        background_weight: Weight of the statistics rows away from the concept (`FuseConfig.background_weight`).
     """
     size = image_size(components)
     unet_scale = toy_fusion_unet_scale(len(files)) if unet_scale is None else unet_scale
@@ -307,7 +312,8 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
         method=method, overwrite=True,
         text_templates=("a {} in the center, white background", "{}"),
         sampling_templates=tuple(sampling_templates),
-        sampling_steps=sampling_steps, sampling_guidance=guidance, sampling_size=size, rcond=rcond)
+        sampling_steps=sampling_steps, sampling_guidance=guidance, sampling_size=size, rcond=rcond,
+        background_weight=background_weight)
     return fuse(config, components=fresh_components(components), progress=progress, copy_components=False)
 
 

@@ -25,6 +25,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from ..attention import AttentionMapRecorder
 from ..concept_file import ConceptFile, load_concept
 from ..config import FuseConfig, FusionConcept
 from ..errors import MixOfShowError
@@ -34,7 +35,7 @@ from ..pipelines import MixOfShowPipeline
 from ..pipelines.pipeline_mixofshow import CONCEPTS_FILE
 from ..tokens import check_new_words
 from .solve import GramAccumulator, gradient_fusion, lbfgs_fusion, weight_fusion, zip_fusion
-from .stats import ConceptStatistics, Guidance, cross_attention_grams, record_input_grams
+from .stats import ConceptStatistics, Guidance, cross_attention_grams, record_input_grams, subject_weights
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ def prepare_inputs(config: FuseConfig, pipe: MixOfShowPipeline) -> list[FusionIn
                 if item.statistics.metadata.get(key) != getattr(spec, key):
                     raise MixOfShowError(f"statistics {spec.stats} were computed with {key} "
                                          f"{item.statistics.metadata.get(key)}, the fusion uses {getattr(spec, key)}")
+            recorded = item.statistics.metadata.get("settings", {}).get("background_weight", 1.0)
+            if recorded != config.background_weight:
+                raise MixOfShowError(f"statistics {spec.stats} were recorded with background_weight {recorded}, the "
+                                     f"fusion uses {config.background_weight}: give both the same value, or recompute "
+                                     "them with `mixofshow stats` and the fusion's config")
         inputs.append(item)
     return inputs
 
@@ -172,7 +178,8 @@ def record_statistics(pipe: MixOfShowPipeline, config: FuseConfig, text_prompts:
                       sampling_prompts: list[str], text_paths: list[str], unet_paths: list[str]) -> ConceptStatistics:
     """Grams of the pipeline's model as it is (a concept's own model inside `concept_model`): text-encoder layers on
     the encoded prompts (padding and the negative prompt included, as the sampler encodes them), UNet layers (no
-    K/V) over a full sampling run."""
+    K/V) over a full sampling run per prompt, rows weighted by `concept_row_weights` when
+    `config.background_weight` < 1."""
     stats = ConceptStatistics()
     guidance = sampler_guidance(config)
     ids = pipe.layerwise_input_ids(text_prompts, [config.negative_prompt] * len(text_prompts))  # (L, 2B, T)
@@ -180,12 +187,37 @@ def record_statistics(pipe: MixOfShowPipeline, config: FuseConfig, text_prompts:
     with torch.no_grad(), record_input_grams(pipe.text_encoder, text_paths, stats.grams["text_encoder"], guidance):
         pipe.text_encoder(ids.to(pipe.device))
     size = config.sampling_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"], guidance):
-        for prompt in sampling_prompts:
-            pipe(prompt, negative_prompt=config.negative_prompt, height=size, width=size,
-                 num_inference_steps=config.sampling_steps, guidance_scale=config.sampling_guidance,
-                 seed=config.sampling_seed, output_type="latent", progress=False)
+    sampling = {"negative_prompt": config.negative_prompt, "height": size, "width": size,
+                "num_inference_steps": config.sampling_steps, "guidance_scale": config.sampling_guidance,
+                "seed": config.sampling_seed, "output_type": "latent", "progress": False}
+    for prompt in sampling_prompts:
+        weights = concept_row_weights(pipe, prompt, sampling, config.background_weight)
+        with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"], guidance, weights):
+            pipe(prompt, **sampling)
     return stats
+
+
+def concept_row_weights(pipe: MixOfShowPipeline, prompt: str, sampling: dict,
+                        background: float) -> torch.Tensor | None:
+    """Weights of one statistics run's UNet rows: where the prompt's concept words are attended while it samples
+    (a first run of the same sampling, recording their cross-attention), `background` elsewhere.
+
+    A concept's LoRA was trained with its loss inside the subject mask; rows on the background, which every
+    concept's runs share, would otherwise outvote the few rows where the concept is drawn. None (every row alike)
+    when `background` is 1 or the prompt has no concept words (a LoRA with trigger prompts)."""
+    if background >= 1:
+        return None
+    ids = pipe.layerwise_input_ids([prompt], None)[0, 0]  # (T,) layer-0 ids, as the sampler binds them
+    concept_ids = torch.tensor([token.layer_ids[0] for token in pipe.concepts.tokens.values()], dtype=ids.dtype)
+    positions = torch.isin(ids, concept_ids).nonzero().flatten()
+    if positions.numel() == 0:
+        logger.info("statistics prompt %r has no concept words: its rows are weighted alike", prompt)
+        return None
+    batch = 2 if sampling["guidance_scale"] > 1 else 1  # [negative; prompt] under guidance
+    with pipe.recording_attention(AttentionMapRecorder(positions[None].repeat(batch, 1))) as recorder:
+        pipe(prompt, **sampling)
+    latent = (sampling["height"] // pipe.vae_scale_factor, sampling["width"] // pipe.vae_scale_factor)
+    return subject_weights([m[-1:] for m in recorder.maps], latent, background)
 
 
 def sampler_guidance(config: FuseConfig) -> Guidance | None:
@@ -530,6 +562,6 @@ def compute_statistics(config: FuseConfig, out: str | Path, components: dict | N
         "base": dataclasses.asdict(pipe.base_fingerprint),
         "settings": {k: getattr(config, k) for k in ("text_templates", "sampling_templates", "negative_prompt",
                                                       "sampling_steps", "sampling_guidance", "sampling_size",
-                                                      "sampling_seed", "guided_weight")},
+                                                      "sampling_seed", "guided_weight", "background_weight")},
     }
     return stats.save(out)

@@ -1,14 +1,17 @@
-"""Per-layer input Gram matrices G = X^T X for fusion: recording hooks, a concept's statistics, and their file."""
+"""Per-layer input Gram matrices G = X^T X for fusion: recording hooks, subject weights of their rows, a concept's
+statistics, and their file."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..attention import cross_attention_layers
@@ -45,9 +48,52 @@ def gram_rows(x: torch.Tensor, guidance: Guidance | None) -> torch.Tensor:
     return gram
 
 
+def feature_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) of a UNet feature map with `tokens` positions, for a latent of `size` (each UNet level
+    halves the sides, rounding up)."""
+    height, width = size
+    for _ in range(16):
+        if height * width == tokens:
+            return height, width
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    raise MixOfShowError(f"a feature map of {tokens} positions is no UNet level of a {size[0]}x{size[1]} latent")
+
+
+def subject_weights(maps: Sequence[torch.Tensor], size: tuple[int, int], background: float) -> torch.Tensor:
+    """Per-position weights of statistics rows from the concept words' cross-attention maps.
+
+    Args:
+        maps: `(B, HW, K)` attention maps of K concept-word positions, one per cross-attention layer call
+            (`AttentionMapRecorder.maps`), at any UNet level of the latent.
+        size: the latent's (height, width).
+        background: the weight where the words are not attended; the weight rises linearly with the mean map
+            (over words, layers and steps) to 1 where it is highest.
+
+    Returns:
+        `(B, height, width)` weights in [background, 1].
+    """
+    total = torch.zeros(maps[0].shape[0], 1, *size)
+    for attention in maps:
+        height, width = feature_grid(attention.shape[1], size)
+        grid = attention.detach().float().mean(dim=-1).reshape(-1, 1, height, width).cpu()
+        total += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    peak = total.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return background + (1 - background) * (total[:, 0] / peak[:, None, None])
+
+
+def weighted_rows(x: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """`(B', N, C)` UNet-layer inputs with each position's row times the square root of its weight (so its Gram
+    counts the row `weight` times); `row_weights` `(B, h, w)` at the latent size, B' = B or 2B (guidance pairs)."""
+    height, width = feature_grid(x.shape[1], tuple(row_weights.shape[-2:]))
+    pooled = F.adaptive_avg_pool2d(row_weights[:, None].float(), (height, width)).flatten(1)  # (B, N)
+    pooled = pooled.repeat(x.shape[0] // pooled.shape[0], 1)
+    return x * pooled.sqrt().to(x)[..., None]
+
+
 @contextmanager
 def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict[str, torch.Tensor] | None = None,
-                       guidance: Guidance | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                       guidance: Guidance | None = None,
+                       row_weights: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """While open, add `X^T X` (float64) of every input to the named linear layers into `grams`.
 
     Memory is one `(in, in)` matrix per layer, whatever the number of tokens, steps or prompts. The hooks are
@@ -58,6 +104,8 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict
         paths: module paths of linear layers (PEFT LoRA wrappers included).
         grams: an existing dict to add into (default: a new one).
         guidance: the batch is [unconditional; conditional]: record the guided rows too (see `Guidance`).
+        row_weights: `(B, h, w)` weights of a UNet's spatial rows at the latent size (`subject_weights`), or None
+            for every row alike.
 
     Yields:
         `{path: (in, in) float64 Gram matrix}`.
@@ -69,7 +117,8 @@ def record_input_grams(model: torch.nn.Module, paths: Iterable[str], grams: dict
         def hook(module, args):
             x = args[0]
             if last.get("input") is not x or last.get("version") != x._version:
-                last.update(input=x, version=x._version, gram=gram_rows(x, guidance))
+                rows = x if row_weights is None else weighted_rows(x, row_weights)
+                last.update(input=x, version=x._version, gram=gram_rows(rows, guidance))
             gram = last["gram"]
             grams[path] = grams[path] + gram if path in grams else gram.clone()
 

@@ -6,7 +6,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +22,14 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from ..attention import LAYERWISE_KEY, REGIONS_KEY, RegionalAttention, install_processors
+from ..attention import (
+    LAYERWISE_KEY,
+    RECORDER_KEY,
+    REGIONS_KEY,
+    AttentionMapRecorder,
+    RegionalAttention,
+    install_processors,
+)
 from ..concept_file import ConceptFile, fingerprint, load_concept
 from ..errors import MixOfShowError
 from ..layout import Layout
@@ -78,6 +86,7 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         self.num_layers = install_processors(unet)
         self.concepts = ConceptVocabulary(self.num_layers)
         self.base_fingerprint = fingerprint(tokenizer, text_encoder, unet)
+        self._attention_recorder: AttentionMapRecorder | None = None
         self.adapter_scales: dict[str, float] = {}
 
     @classmethod
@@ -233,6 +242,8 @@ class MixOfShowPipeline(StableDiffusionPipeline):
         kwargs = {LAYERWISE_KEY: states} if states.shape[0] > 1 else {}
         if regional is not None:
             kwargs[REGIONS_KEY] = regional
+        if self._attention_recorder is not None:
+            kwargs[RECORDER_KEY] = self._attention_recorder
         extra = residuals.unet_kwargs(model_input, t, states[0], guided) if residuals is not None else {}
         noise = self.unet(model_input, t, encoder_hidden_states=states[0], cross_attention_kwargs=kwargs or None,
                           **extra).sample
@@ -240,6 +251,17 @@ class MixOfShowPipeline(StableDiffusionPipeline):
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
         return noise
+
+    @contextmanager
+    def recording_attention(self, recorder: AttentionMapRecorder) -> Iterator[AttentionMapRecorder]:
+        """While open, every UNet call of this pipeline adds its cross-attention maps of the recorder's token
+        positions to `recorder.maps` (one `(B, HW, K)` entry per cross-attention layer and call; B is the UNet's
+        batch: negatives first under guidance)."""
+        self._attention_recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self._attention_recorder = None
 
     def regional_attention(self, regions: RegionPrompts, batch: int, guided: bool, height: int,
                            width: int) -> RegionalAttention:
