@@ -46,6 +46,7 @@ from mixofshow.demo import (
     TOY_FUSION_BOOST_FROM,
     TOY_FUSION_PROMPTS,
     TOY_FUSION_RCOND,
+    TOY_FUSION_SUBJECT_MAP,
     TOY_FUSION_UNET_SCALE,
     TOY_STATISTICS_PROMPTS,
     Sketch,
@@ -61,6 +62,7 @@ from mixofshow.demo import (
     score_samples,
     tune_concept,
 )
+from mixofshow.fusion.stats import SUBJECT_MAPS
 from mixofshow.lora import UNET_TARGET_PATTERNS
 from mixofshow.pipelines.detail import detail_regions
 from mixofshow.toyworld.concepts import FIRST_WORDS, Concept, get_concept, training_images
@@ -124,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fusion-background-weight", type=float, default=TOY_FUSION_BACKGROUND_WEIGHT,
                         help="weight of the statistics rows away from each concept (where its words are not "
                              "attended; `FuseConfig.background_weight`, 1: all rows alike)")
+    parser.add_argument("--fusion-subject-map", choices=SUBJECT_MAPS, default=TOY_FUSION_SUBJECT_MAP,
+                        help="how the attention weights those rows (`FuseConfig.subject_map`)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance")
     parser.add_argument("--fusion-steps", type=int, default=20, help="sampling steps of gradient/zip statistics")
@@ -363,7 +367,8 @@ def measure(args: argparse.Namespace, seed: int, base, components: dict, classif
                 out = fuse_concepts([files[name] for name in names], base, components,
                                     work / "fused" / f"{mode}-{n}-{method}-seed{seed}", method, args.fusion_steps,
                                     args.guidance, progress, args.rcond, args.fusion_unet_scale,
-                                    TOY_STATISTICS_PROMPTS[:args.fusion_prompts], args.fusion_background_weight)
+                                    TOY_STATISTICS_PROMPTS[:args.fusion_prompts], args.fusion_background_weight,
+                                    args.fusion_subject_map)
                 timings["fusion"] += time.perf_counter() - start
                 start = time.perf_counter()
                 pipe = fused_pipeline(out).to(args.device)
@@ -462,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.tune_lr_embedding:g} (embeddings) / {args.tune_lr_text_encoder:g} (text-encoder LoRA) / "
           f"{args.tune_lr_unet:g} (UNet); fusion cutoff {args.rcond:g}, "
           f"UNet LoRA scale {scale_note}, {args.fusion_prompts} statistics prompt(s), background rows weighted "
-          f"{args.fusion_background_weight:g}; "
+          f"{args.fusion_background_weight:g}"
+          f"{f' ({args.fusion_subject_map})' if args.fusion_background_weight < 1 else ''}; "
           f"sampling {args.steps} steps, "
           f"guidance {args.guidance:g}{sketch_note}; seed(s) {', '.join(map(str, args.seeds))}; "
           f"device {args.device}, torch threads {torch.get_num_threads()}; {time.perf_counter() - started:.0f} s "

@@ -120,14 +120,17 @@ def test_a_concept_with_feed_forward_lora_fuses(tmp_path, concepts):
     assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows.values())
 
 
-def test_background_weighted_statistics_fuse_exactly_alone_and_change_a_shared_fusion(tmp_path, concepts):
+@pytest.mark.parametrize("subject_map", ["linear", "mask"])
+def test_background_weighted_statistics_fuse_exactly_alone_and_change_a_shared_fusion(tmp_path, concepts,
+                                                                                       subject_map):
     # rows weighted by where the concept words are attended: one concept is still exactly its model; two concepts
     # get another least-squares compromise, never worse than the base on its own (weighted) objective
-    alone = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts[:1], name="alone", background_weight=0.1))
+    alone = MixOfShowPipeline.from_base(run_fusion(tmp_path, concepts[:1], name="alone", background_weight=0.1,
+                                                      subject_map=subject_map))
     torch.testing.assert_close(sample(alone, WORDS[0]), sample(own_model(concepts[0]), WORDS[0]),
                                rtol=1e-4, atol=1e-4)
     plain = run_fusion(tmp_path, concepts[:2], name="plain")
-    weighted = run_fusion(tmp_path, concepts[:2], name="weighted", background_weight=0.1)
+    weighted = run_fusion(tmp_path, concepts[:2], name="weighted", background_weight=0.1, subject_map=subject_map)
     rows = [row for part in json.loads((weighted / "fusion_report.json").read_text())["layers"].values()
             for row in part.values()]
     assert all(row["objective_fused"] <= row["objective_base"] * (1 + 1e-9) + 1e-9 for row in rows)
@@ -141,11 +144,11 @@ def test_background_weighted_statistics_fuse_exactly_alone_and_change_a_shared_f
     torch.testing.assert_close(weights(plain, "text_encoder")[text], weights(weighted, "text_encoder")[text])
 
 
-@pytest.mark.parametrize("value", [0.0, 1.5, float("nan")])
-def test_background_weight_outside_zero_to_one_is_refused(tmp_path, concepts, value):
-    with pytest.raises(MixOfShowError, match="background_weight"):
-        load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out=str(tmp_path / "o"),
-                         background_weight=value)
+@pytest.mark.parametrize("field, value", [("background_weight", 0.0), ("background_weight", 1.5),
+                                          ("background_weight", float("nan")), ("subject_map", "disk")])
+def test_row_weights_outside_their_choices_are_refused(tmp_path, concepts, field, value):
+    with pytest.raises(MixOfShowError, match=field):
+        load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out=str(tmp_path / "o"), **{field: value})
 
 
 def test_fused_folder_loads_in_diffusers_and_knows_its_concepts(tmp_path, concepts):
@@ -181,13 +184,16 @@ def test_statistics_for_another_scale_are_refused(tmp_path, concepts):
         fuse(config, components=tiny_components(), progress=False)
 
 
-def test_statistics_with_another_background_weight_are_refused(tmp_path, concepts):
+@pytest.mark.parametrize("recorded, used, message", [({"background_weight": 0.5}, {}, "background_weight 0.5"),
+                                                     ({"background_weight": 0.5, "subject_map": "mask"},
+                                                      {"background_weight": 0.5}, "subject_map mask")])
+def test_statistics_with_other_row_weights_are_refused(tmp_path, concepts, recorded, used, message):
     stats = compute_statistics(load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out="unused",
-                                                background_weight=0.5),
+                                                **recorded),
                                tmp_path / "s.safetensors", components=tiny_components())
     config = load_fuse_config(None, concepts=[{"path": str(concepts[0]), "stats": str(stats)}], base="tiny",
-                              out=str(tmp_path / "x"))
-    with pytest.raises(MixOfShowError, match="background_weight 0.5"):
+                              out=str(tmp_path / "x"), **used)
+    with pytest.raises(MixOfShowError, match=message):
         fuse(config, components=tiny_components(), progress=False)
     assert not (tmp_path / "x").exists()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixofshow import MixOfShowError
-from mixofshow.fusion.stats import Guidance, feature_grid, record_input_grams, subject_weights
+from mixofshow.fusion.stats import Guidance, feature_grid, otsu_threshold, record_input_grams, subject_weights
 
 
 @pytest.mark.parametrize("size, tokens, grid", [((16, 16), 256, (16, 16)), ((16, 16), 16, (4, 4)),
@@ -34,6 +34,32 @@ def test_subject_weights_rise_from_background_to_one_where_the_words_are_attende
     both = subject_weights([fine, coarse], (4, 4), background=0.2)
     assert both[0, 0, 0] > weights[0, 0, 0]
     assert torch.allclose(subject_weights([fine], (4, 4), background=1.0), torch.ones(2, 4, 4))
+
+
+def test_otsu_threshold_splits_two_groups_between_them():
+    values = torch.tensor([[0.1, 0.12, 0.9, 0.11, 0.95, 0.13], [5.0, 1.0, 1.1, 0.9, 1.0, 1.05]])
+    assert otsu_threshold(values).tolist() == pytest.approx([0.13, 1.1])
+    # the exact split beats every other on the between-group variance it maximises
+    torch.manual_seed(0)
+    row = torch.rand(1, 40).double()
+    cut = otsu_threshold(row)[0]
+
+    def between(threshold):
+        low, high = row[row <= threshold], row[row > threshold]
+        return len(low) * len(high) * (low.mean() - high.mean()) ** 2
+
+    assert all(between(cut) >= between(t) - 1e-12 for t in row[0].sort().values[:-1])
+
+
+def test_subject_mask_is_one_where_attention_is_high_and_background_elsewhere():
+    fine = torch.full((1, 16, 2), 0.01)
+    fine[0, [5, 6, 9, 10]] = torch.tensor([0.8, 0.6])  # a 2x2 subject in the middle of a 4x4 map, two words
+    mask = subject_weights([fine], (4, 4), background=0.1, shape="mask")
+    expected = torch.full((1, 4, 4), 0.1)
+    expected[0, 1:3, 1:3] = 1.0
+    torch.testing.assert_close(mask, expected)
+    with pytest.raises(MixOfShowError, match="subject map 'disk'"):
+        subject_weights([fine], (4, 4), background=0.1, shape="disk")
 
 
 def test_weighted_rows_give_the_gram_of_each_row_counted_its_weight():

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import MixOfShowError
+from .fusion.stats import SUBJECT_MAPS
 from .lora import UNET_TARGET_PATTERNS
 
 
@@ -247,6 +248,9 @@ class FuseConfig:
     background_weight: float = _help("weight of the UNet statistics rows where the concept's words are not attended "
                                      "in its sampling run, against 1 where they are most (a sampling run more per "
                                      "concept); 1 = every position alike, as in the paper", default=1.0)
+    subject_map: str = _help("how the concept words' attention weights the rows when background_weight < 1: "
+                             "'linear' (rising with the attention) or 'mask' (1 where it is high, split by Otsu's "
+                             "threshold; background_weight elsewhere)", default="linear")
     prior_prompts: tuple[str, ...] = _help("generic prompts whose base-model behaviour fusion should keep",
                                            default=())
     prior_weight: float = _help("weight of that prior (0 = off, as in the paper)", default=0.0)
@@ -303,6 +307,9 @@ def validate_fuse_config(config: FuseConfig) -> None:
         raise MixOfShowError("no concepts to fuse: give at least one concept file")
     if not 0 < config.background_weight <= 1:
         raise MixOfShowError(f"field 'background_weight' must be in (0, 1], got {config.background_weight}")
+    if config.subject_map not in SUBJECT_MAPS:
+        raise MixOfShowError(f"field 'subject_map' must be one of {', '.join(SUBJECT_MAPS)}, got "
+                             f"{config.subject_map!r}")
     if config.method not in FUSION_METHODS:
         raise MixOfShowError(f"field 'method' must be one of {', '.join(FUSION_METHODS)}, got {config.method!r}")
     for template in config.text_templates + config.sampling_templates:

@@ -284,13 +284,16 @@ TOY_FUSION_PROMPTS = 4
 # identity kept at n = 6 did not (0.88 against 0.90, one seed), and the default concepts were not measured with it
 # (benchmarks/results/2026-12-07-session20-toyworld.md): off.
 TOY_FUSION_BACKGROUND_WEIGHT = 1.0
+# How that weight follows the concept words' attention (`FuseConfig.subject_map`), when it is below 1.
+TOY_FUSION_SUBJECT_MAP = "linear"
 
 
 def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dict, out: str | Path, method: str,
                   sampling_steps: int = 20, guidance: float = 5.0, progress: bool = True,
                   rcond: float = TOY_FUSION_RCOND, unet_scale: float | None = None,
                   sampling_templates: Sequence[str] = TOY_STATISTICS_PROMPTS[:TOY_FUSION_PROMPTS],
-                  background_weight: float = TOY_FUSION_BACKGROUND_WEIGHT) -> Path:
+                  background_weight: float = TOY_FUSION_BACKGROUND_WEIGHT,
+                  subject_map: str = TOY_FUSION_SUBJECT_MAP) -> Path:
     """Fuse concept files into one model folder with toy-world prompts for the statistics.
 
     Args:
@@ -307,6 +310,7 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
             None: `toy_fusion_unet_scale` of the number of files.
         sampling_templates: Prompts of each concept's statistics sampling run, `{}` = the concept words.
         background_weight: Weight of the statistics rows away from the concept (`FuseConfig.background_weight`).
+        subject_map: How the concept words' attention weights those rows (`FuseConfig.subject_map`).
     """
     size = image_size(components)
     unet_scale = toy_fusion_unet_scale(len(files)) if unet_scale is None else unet_scale
@@ -316,7 +320,7 @@ def fuse_concepts(files: Sequence[str | Path], base: str | Path, components: dic
         text_templates=("a {} in the center, white background", "{}"),
         sampling_templates=tuple(sampling_templates),
         sampling_steps=sampling_steps, sampling_guidance=guidance, sampling_size=size, rcond=rcond,
-        background_weight=background_weight)
+        background_weight=background_weight, subject_map=subject_map)
     return fuse(config, components=fresh_components(components), progress=progress, copy_components=False)
 
 

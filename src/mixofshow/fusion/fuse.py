@@ -129,11 +129,13 @@ def prepare_inputs(config: FuseConfig, pipe: MixOfShowPipeline) -> list[FusionIn
                 if item.statistics.metadata.get(key) != getattr(spec, key):
                     raise MixOfShowError(f"statistics {spec.stats} were computed with {key} "
                                          f"{item.statistics.metadata.get(key)}, the fusion uses {getattr(spec, key)}")
-            recorded = item.statistics.metadata.get("settings", {}).get("background_weight", 1.0)
-            if recorded != config.background_weight:
-                raise MixOfShowError(f"statistics {spec.stats} were recorded with background_weight {recorded}, the "
-                                     f"fusion uses {config.background_weight}: give both the same value, or recompute "
-                                     "them with `mixofshow stats` and the fusion's config")
+            recorded = item.statistics.metadata.get("settings", {})
+            for key, default in (("background_weight", 1.0), ("subject_map", "linear")):
+                if recorded.get(key, default) != getattr(config, key):
+                    raise MixOfShowError(f"statistics {spec.stats} were recorded with {key} "
+                                         f"{recorded.get(key, default)}, the fusion uses {getattr(config, key)}: "
+                                         "give both the same value, or recompute them with `mixofshow stats` and "
+                                         "the fusion's config")
         inputs.append(item)
     return inputs
 
@@ -191,16 +193,17 @@ def record_statistics(pipe: MixOfShowPipeline, config: FuseConfig, text_prompts:
                 "num_inference_steps": config.sampling_steps, "guidance_scale": config.sampling_guidance,
                 "seed": config.sampling_seed, "output_type": "latent", "progress": False}
     for prompt in sampling_prompts:
-        weights = concept_row_weights(pipe, prompt, sampling, config.background_weight)
+        weights = concept_row_weights(pipe, prompt, sampling, config.background_weight, config.subject_map)
         with record_input_grams(pipe.unet, unet_paths, stats.grams["unet"], guidance, weights):
             pipe(prompt, **sampling)
     return stats
 
 
-def concept_row_weights(pipe: MixOfShowPipeline, prompt: str, sampling: dict,
-                        background: float) -> torch.Tensor | None:
+def concept_row_weights(pipe: MixOfShowPipeline, prompt: str, sampling: dict, background: float,
+                        subject_map: str = "linear") -> torch.Tensor | None:
     """Weights of one statistics run's UNet rows: where the prompt's concept words are attended while it samples
-    (a first run of the same sampling, recording their cross-attention), `background` elsewhere.
+    (a first run of the same sampling, recording their cross-attention), `background` elsewhere; `subject_map` is
+    the shape of that weighting (`subject_weights`).
 
     A concept's LoRA was trained with its loss inside the subject mask; rows on the background, which every
     concept's runs share, would otherwise outvote the few rows where the concept is drawn. None (every row alike)
@@ -217,7 +220,7 @@ def concept_row_weights(pipe: MixOfShowPipeline, prompt: str, sampling: dict,
     with pipe.recording_attention(AttentionMapRecorder(positions[None].repeat(batch, 1))) as recorder:
         pipe(prompt, **sampling)
     latent = (sampling["height"] // pipe.vae_scale_factor, sampling["width"] // pipe.vae_scale_factor)
-    return subject_weights([m[-1:] for m in recorder.maps], latent, background)
+    return subject_weights([m[-1:] for m in recorder.maps], latent, background, subject_map)
 
 
 def sampler_guidance(config: FuseConfig) -> Guidance | None:
@@ -562,6 +565,7 @@ def compute_statistics(config: FuseConfig, out: str | Path, components: dict | N
         "base": dataclasses.asdict(pipe.base_fingerprint),
         "settings": {k: getattr(config, k) for k in ("text_templates", "sampling_templates", "negative_prompt",
                                                       "sampling_steps", "sampling_guidance", "sampling_size",
-                                                      "sampling_seed", "guided_weight", "background_weight")},
+                                                      "sampling_seed", "guided_weight", "background_weight",
+                                                      "subject_map")},
     }
     return stats.save(out)

@@ -59,26 +59,51 @@ def feature_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int]:
     raise MixOfShowError(f"a feature map of {tokens} positions is no UNet level of a {size[0]}x{size[1]} latent")
 
 
-def subject_weights(maps: Sequence[torch.Tensor], size: tuple[int, int], background: float) -> torch.Tensor:
+SUBJECT_MAPS = ("linear", "mask")  # how `subject_weights` turns attention into row weights
+
+
+def subject_weights(maps: Sequence[torch.Tensor], size: tuple[int, int], background: float,
+                    shape: str = "linear") -> torch.Tensor:
     """Per-position weights of statistics rows from the concept words' cross-attention maps.
 
     Args:
         maps: `(B, HW, K)` attention maps of K concept-word positions, one per cross-attention layer call
             (`AttentionMapRecorder.maps`), at any UNet level of the latent.
         size: the latent's (height, width).
-        background: the weight where the words are not attended; the weight rises linearly with the mean map
-            (over words, layers and steps) to 1 where it is highest.
+        background: the weight where the words are not attended.
+        shape: "linear": the weight rises linearly with the mean map (over words, layers and steps) to 1 where it
+            is highest; "mask": 1 where the mean map is above the threshold that best splits it in two
+            (`otsu_threshold`), `background` elsewhere.
 
     Returns:
         `(B, height, width)` weights in [background, 1].
     """
+    if shape not in SUBJECT_MAPS:
+        raise MixOfShowError(f"subject map {shape!r}: choose one of {', '.join(SUBJECT_MAPS)}")
     total = torch.zeros(maps[0].shape[0], 1, *size)
     for attention in maps:
         height, width = feature_grid(attention.shape[1], size)
         grid = attention.detach().float().mean(dim=-1).reshape(-1, 1, height, width).cpu()
         total += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    total = total[:, 0]
+    if shape == "mask":
+        above = total > otsu_threshold(total.flatten(1))[:, None, None]
+        return torch.where(above, 1.0, background)
     peak = total.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return background + (1 - background) * (total[:, 0] / peak[:, None, None])
+    return background + (1 - background) * (total / peak[:, None, None])
+
+
+def otsu_threshold(values: torch.Tensor) -> torch.Tensor:
+    """Per row of `(B, N)` values, the threshold that splits them into a low and a high group with the largest
+    between-group variance (Otsu's method, exact over the sorted values): `(B,)`, the largest low value."""
+    ordered = values.double().sort(dim=1).values
+    count = ordered.shape[1]
+    low_n = torch.arange(1, count, dtype=torch.float64)  # the low group holds the first k values, k = 1..N-1
+    low_sum = ordered.cumsum(dim=1)[:, :-1]
+    high_sum = ordered.sum(dim=1, keepdim=True) - low_sum
+    between = low_n * (count - low_n) * (low_sum / low_n - high_sum / (count - low_n)) ** 2
+    split = between.argmax(dim=1)
+    return ordered.gather(1, split[:, None])[:, 0].to(values.dtype)
 
 
 def weighted_rows(x: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
