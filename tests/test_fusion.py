@@ -198,6 +198,16 @@ def test_statistics_with_other_row_weights_are_refused(tmp_path, concepts, recor
     assert not (tmp_path / "x").exists()
 
 
+def test_subject_map_of_unweighted_statistics_does_not_matter(tmp_path, concepts):
+    # at background_weight 1 every row counts alike whatever the map: such statistics serve either map
+    stats = compute_statistics(load_fuse_config(None, concepts=[str(concepts[0])], base="tiny", out="unused",
+                                                subject_map="mask"),
+                               tmp_path / "s.safetensors", components=tiny_components())
+    config = load_fuse_config(None, concepts=[{"path": str(concepts[0]), "stats": str(stats)}], base="tiny",
+                              out=str(tmp_path / "x"))
+    assert (fuse(config, components=tiny_components(), progress=False) / "model_index.json").is_file()
+
+
 def test_colliding_words_are_renamed(tmp_path, concepts, caplog):
     twin = save_concept(random_concept(tiny_components(), WORDS[0], seed=7), tmp_path / "twin.safetensors")
     with caplog.at_level(logging.WARNING):

@@ -286,7 +286,7 @@ TOY_FUSION_PROMPTS = 4
 TOY_FUSION_BACKGROUND_WEIGHT = 1.0
 # How that weight follows the concept words' attention (`FuseConfig.subject_map`), when it is below 1. With 0.1 the
 # Otsu mask kept the most identity at n = 6 (0.934 against 0.899 plain, one seed) but no more at n = 3 and no more
-# binding (benchmarks/results/2026-12-08-session21-toyworld.md); it matters only once the weight is below 1.
+# binding (benchmarks/results/2026-12-08-session21-toyworld.md).
 TOY_FUSION_SUBJECT_MAP = "linear"
 
 

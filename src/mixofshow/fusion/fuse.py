@@ -130,7 +130,10 @@ def prepare_inputs(config: FuseConfig, pipe: MixOfShowPipeline) -> list[FusionIn
                     raise MixOfShowError(f"statistics {spec.stats} were computed with {key} "
                                          f"{item.statistics.metadata.get(key)}, the fusion uses {getattr(spec, key)}")
             recorded = item.statistics.metadata.get("settings", {})
-            for key, default in (("background_weight", 1.0), ("subject_map", "linear")):
+            keys = [("background_weight", 1.0)]
+            if config.background_weight < 1:  # the subject map shapes the rows' weights only below weight 1
+                keys.append(("subject_map", "linear"))
+            for key, default in keys:
                 if recorded.get(key, default) != getattr(config, key):
                     raise MixOfShowError(f"statistics {spec.stats} were recorded with {key} "
                                          f"{recorded.get(key, default)}, the fusion uses {getattr(config, key)}: "
